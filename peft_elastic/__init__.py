@@ -1,0 +1,41 @@
+"""peft_elastic: elastic low-rank adapters for PEFT.
+
+Importing this package registers its tuner types with PEFT (idempotently), so that `get_peft_model`,
+`PeftModel.from_pretrained` and transformers' `model.load_adapter` accept them. Import it before loading an elastic
+checkpoint.
+"""
+
+from ._registry import register_tuner
+from .export import export_sub_adapter, sub_adapter_state
+from .subnetwork import (
+    get_subnetwork,
+    heuristic_subnetwork,
+    maximal_subnetwork,
+    minimal_subnetwork,
+    module_ranks,
+    num_adapter_parameters,
+    sample_subnetwork,
+    search_space,
+    set_subnetwork,
+)
+from .tuners.elastic_lora import ElasticLoraConfig, ElasticLoraModel
+
+__version__ = "0.1.0"
+
+register_tuner("elastic_lora", ElasticLoraConfig, ElasticLoraModel)
+
+__all__ = [
+    "ElasticLoraConfig",
+    "ElasticLoraModel",
+    "export_sub_adapter",
+    "get_subnetwork",
+    "heuristic_subnetwork",
+    "maximal_subnetwork",
+    "minimal_subnetwork",
+    "module_ranks",
+    "num_adapter_parameters",
+    "sample_subnetwork",
+    "search_space",
+    "set_subnetwork",
+    "sub_adapter_state",
+]

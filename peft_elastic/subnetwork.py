@@ -1,0 +1,167 @@
+"""The subnetwork API: the search space of a model with elastic adapters, and getting, setting and sampling its
+subnetworks.
+
+A *subnetwork* is a dict `{group name: rank}` over the rank groups of one adapter (see `search_space`). Every
+function takes a `PeftModel` or its tuner (`model.base_model`) and works on `adapter_name`, by default the one active
+elastic adapter. The active subnetwork is module state: set it between steps, never inside `forward`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import random
+from collections.abc import Mapping
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from .tuners.elastic_lora.config import ElasticLoraConfig
+from .tuners.elastic_lora.space import RankGroup, rank_groups
+
+Subnetwork = dict[str, int]
+
+
+def _tuner(model: nn.Module) -> nn.Module:
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not hasattr(tuner, "peft_config") or not any(
+        isinstance(c, ElasticLoraConfig) for c in getattr(tuner, "peft_config", {}).values()
+    ):
+        raise ValueError(
+            f"Expected a PeftModel (or its tuner) with an elastic adapter, got a {type(model).__name__}; create one "
+            "with peft.get_peft_model(base, ElasticLoraConfig(...))."
+        )
+    return tuner
+
+
+def _resolve(model: nn.Module, adapter_name: str | None) -> tuple[nn.Module, str, ElasticLoraConfig]:
+    tuner = _tuner(model)
+    elastic = [name for name, c in tuner.peft_config.items() if isinstance(c, ElasticLoraConfig)]
+    if adapter_name is None:
+        active = [name for name in tuner.active_adapters if name in elastic]
+        if len(active) != 1:
+            raise ValueError(
+                f"Cannot tell which elastic adapter to use: active elastic adapters are {active}; pass "
+                f"adapter_name=, one of {elastic}."
+            )
+        adapter_name = active[0]
+    elif adapter_name not in elastic:
+        raise ValueError(f"Unknown elastic adapter {adapter_name!r}; this model has {elastic}.")
+    return tuner, adapter_name, tuner.peft_config[adapter_name]
+
+
+def _groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup]]:
+    tuner, adapter_name, config = _resolve(model, adapter_name)
+    return adapter_name, rank_groups(tuner.model, config, adapter_name)
+
+
+def search_space(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[int]]:
+    """`{group name: [rank choices, largest first]}` for every rank group, in module order."""
+    _, groups = _groups(model, adapter_name)
+    return {name: list(group.choices) for name, group in groups.items()}
+
+
+def get_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
+    """The active subnetwork `{group name: rank}`."""
+    adapter_name, groups = _groups(model, adapter_name)
+    return {name: group.modules[0][1].active_rank(adapter_name) for name, group in groups.items()}
+
+
+def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> Subnetwork:
+    if not isinstance(subnetwork, Mapping):
+        raise ValueError(f"A subnetwork is a dict {{group name: rank}}, got {type(subnetwork).__name__}.")
+    unknown = [name for name in subnetwork if name not in groups]
+    if unknown:
+        known = list(groups)
+        shown = ", ".join(repr(n) for n in known[:4]) + (", ..." if len(known) > 4 else "")
+        raise ValueError(
+            f"Unknown group name(s) {unknown}; valid names come from peft_elastic.search_space(model), e.g. {shown}."
+        )
+    invalid = {
+        name: rank
+        for name, rank in subnetwork.items()
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or int(rank) not in groups[name].choices
+    }
+    if invalid:
+        details = "; ".join(
+            f"{name!r}: {rank!r} (valid: {list(groups[name].choices)})" for name, rank in invalid.items()
+        )
+        raise ValueError(f"Invalid rank(s) in subnetwork: {details}.")
+    return {name: int(rank) for name, rank in subnetwork.items()}
+
+
+def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name: str | None = None) -> None:
+    """Activate `subnetwork`. Groups it does not name keep their rank. Nothing changes if any entry is invalid."""
+    adapter_name, groups = _groups(model, adapter_name)
+    for name, rank in _validated(subnetwork, groups).items():
+        for _, layer in groups[name].modules:
+            layer.set_active_rank(adapter_name, rank)
+
+
+def maximal_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
+    """Every group at its largest rank (the full super-adapter)."""
+    return {name: choices[0] for name, choices in search_space(model, adapter_name).items()}
+
+
+def minimal_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
+    """Every group at its smallest rank."""
+    return {name: choices[-1] for name, choices in search_space(model, adapter_name).items()}
+
+
+def heuristic_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
+    """The midpoint of the search space (LoNAS/Shears): for a group with descending choices `c` of length `n`, the
+    rank `c[(n - 1) // 2]`, i.e. the middle choice, and the larger of the two middle ones when `n` is even
+    ([32, 24, 16] -> 24, [32, 16] -> 32, [32, 24, 16, 8] -> 24)."""
+    return {name: choices[(len(choices) - 1) // 2] for name, choices in search_space(model, adapter_name).items()}
+
+
+def sample_subnetwork(
+    model: nn.Module,
+    seed: int | torch.Generator | random.Random | None = None,
+    adapter_name: str | None = None,
+) -> Subnetwork:
+    """A subnetwork drawn uniformly per group. `seed` is an int, a `torch.Generator`, a `random.Random`, or None
+    (fresh entropy). Draws are made group by group in module order, so a seed always gives the same subnetwork."""
+    if isinstance(seed, torch.Generator):
+
+        def draw(n: int) -> int:
+            return int(torch.randint(n, (1,), generator=seed))
+    elif isinstance(seed, random.Random):
+        draw = seed.randrange
+    elif seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        draw = random.Random(seed).randrange
+    else:
+        raise ValueError(f"seed must be an int, a torch.Generator, a random.Random or None, got {seed!r}.")
+    return {name: choices[draw(len(choices))] for name, choices in search_space(model, adapter_name).items()}
+
+
+def module_ranks(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> dict[str, int]:
+    """`{module name: rank}` of every adapted module under `subnetwork` (default: the active one; groups it does
+    not name keep their active rank)."""
+    adapter_name, groups = _groups(model, adapter_name)
+    chosen = _validated(subnetwork or {}, groups)
+    return {
+        module_name: chosen.get(name, layer.active_rank(adapter_name))
+        for name, group in groups.items()
+        for module_name, layer in group.modules
+    }
+
+
+def num_adapter_parameters(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> int:
+    """The number of adapter parameters `subnetwork` (default: the active one) uses: `k · (in + out)` per module
+    of rank `k`, plus the LoRA bias if there is one. Parameters of `modules_to_save` are not counted."""
+    adapter_name, groups = _groups(model, adapter_name)
+    ranks = module_ranks(model, subnetwork, adapter_name)
+    total = 0
+    for group in groups.values():
+        for module_name, layer in group.modules:
+            k = ranks[module_name]
+            lora_b = layer.lora_B[adapter_name]
+            total += k * (layer.lora_A[adapter_name].in_features + lora_b.out_features)
+            if lora_b.bias is not None:
+                total += lora_b.out_features
+    return total

@@ -1,0 +1,114 @@
+"""The math of one elastic-rank LoRA layer.
+
+LoRA computes `y = base(x) + s · B(A(dropout(x)))` with `A` (r × in), `B` (out × r) and `s = alpha / r`. Here the
+factors are `LoraA` / `LoraB` modules that use only a prefix of their rank: `A[:k, :]` and `B[:, :k]`, where `k` is
+the active rank of the adapter. Slicing gives views (no copies, no masks) and autograd sends gradient only to the
+active slice. Because every PEFT LoRA layer (dense, Conv1D, bitsandbytes, GPTQ, ...) calls `lora_B(lora_A(x))`,
+replacing the two factor modules makes all of them elastic; `ElasticLoraLayer` adds the rank bookkeeping and a
+delta weight (for merging) of the active rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+from peft.utils.other import transpose
+from torch import nn
+
+
+class LoraA(nn.Linear):
+    """LoRA's down-projection `A` (weight r × in) whose forward uses only the first `active_rank` rows.
+
+    The active rank is saved with the adapter weights (as the module's extra state), so a reloaded super-adapter
+    comes back with the subnetwork it was saved with.
+    """
+
+    active_rank: int
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> LoraA:
+        """A `LoraA` that shares `linear`'s parameters (no copy), at full rank."""
+        module = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        module.weight = linear.weight
+        module.active_rank = linear.out_features
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., k)
+        return F.linear(x, self.weight[: self.active_rank])
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.active_rank, dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        rank = int(state)
+        if not 0 < rank <= self.out_features:
+            raise ValueError(f"Saved active rank {rank} does not fit a LoRA A factor of rank {self.out_features}.")
+        self.active_rank = rank
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, active_rank={self.active_rank}"
+
+
+class LoraB(nn.Linear):
+    """LoRA's up-projection `B` (weight out × r) whose forward uses the first `k` columns, `k` = its input width."""
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> LoraB:
+        """A `LoraB` that shares `linear`'s parameters (no copy)."""
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., out)
+        return F.linear(h, self.weight[:, : h.shape[-1]], self.bias)
+
+
+class ElasticLoraLayer(LoraLayer):
+    """Mixin that makes a PEFT LoRA layer class rank-elastic; put it first in the bases of the concrete class.
+
+    The active rank of each adapter is module state set from outside `forward` (see `set_active_rank`), never
+    sampled inside it, so gradient checkpointing recomputes exactly the forward that made the loss.
+    """
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.lora_A[adapter_name] = LoraA.sharing(self.lora_A[adapter_name])
+        self.lora_B[adapter_name] = LoraB.sharing(self.lora_B[adapter_name])
+
+    def active_rank(self, adapter_name: str) -> int:
+        """The rank `k` that `adapter_name` uses now."""
+        return self.lora_A[adapter_name].active_rank
+
+    def set_active_rank(self, adapter_name: str, rank: int) -> None:
+        """Use the first `rank` rows of `A` and columns of `B` of `adapter_name` from now on."""
+        if not 0 < rank <= self.r[adapter_name]:
+            raise ValueError(f"rank={rank} is outside 1..{self.r[adapter_name]} for adapter {adapter_name!r}.")
+        if adapter_name in self.merged_adapters and rank != self.active_rank(adapter_name):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged with rank {self.active_rank(adapter_name)}; unmerge it "
+                f"(model.unmerge_adapter()) before changing its rank to {rank}."
+            )
+        self.lora_A[adapter_name].active_rank = rank
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """`s · B[:, :k] @ A[:k, :]` (out × in, transposed for Conv1D) for the active rank `k` of `adapter`."""
+        k = self.active_rank(adapter)
+        weight_a = self.lora_A[adapter].weight[:k]
+        weight_b = self.lora_B[adapter].weight[:, :k]
+        dtype = weight_b.dtype
+        # Half-precision matmuls are slow on CPU: compute in float32 there, as LoRA does.
+        upcast = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        delta = transpose(weight_b @ weight_a, getattr(self, "fan_in_fan_out", False)) * self.scaling[adapter]
+        return delta.to(dtype) if upcast else delta
+
+    def __repr__(self) -> str:
+        return "elastic_" + super().__repr__()
+
+
+class Linear(ElasticLoraLayer, LoraLinear):
+    """Elastic LoRA on `torch.nn.Linear` and transformers' `Conv1D` (with `fan_in_fan_out`)."""

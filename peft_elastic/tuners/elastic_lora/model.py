@@ -1,0 +1,81 @@
+"""`ElasticLoraModel`: finds the target modules and swaps them for elastic LoRA layers, reusing `LoraModel`."""
+
+from __future__ import annotations
+
+import warnings
+
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_gptqmodel_available
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ElasticLoraConfig
+from .layer import Linear
+from .space import rank_groups
+
+
+def _elastic_class(base_layer: nn.Module) -> type | None:
+    """The elastic layer class for `base_layer`, or None when it is not supported. Quantized types come first:
+    bitsandbytes layers are `nn.Linear` subclasses."""
+    if is_bnb_available():
+        import bitsandbytes as bnb
+
+        from .bnb import Linear8bitLt
+
+        if isinstance(base_layer, bnb.nn.Linear8bitLt):
+            return Linear8bitLt
+    if is_bnb_4bit_available():
+        import bitsandbytes as bnb
+
+        from .bnb import Linear4bit
+
+        if isinstance(base_layer, bnb.nn.Linear4bit):
+            return Linear4bit
+    if is_gptqmodel_available():
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+        from .gptq import GPTQLinear
+
+        if isinstance(base_layer, BaseQuantLinear):
+            return GPTQLinear
+    if isinstance(base_layer, (nn.Linear, Conv1D)):
+        return Linear
+    return None
+
+
+class ElasticLoraModel(LoraModel):
+    """The tuner of `ElasticLoraConfig` adapters. Targeting, merging, unloading, multiple adapters, quantized bases
+    and saving work as for LoRA; only the layers are elastic (see `peft_elastic.tuners.elastic_lora.layer`)."""
+
+    @staticmethod
+    def _create_new_module(config: ElasticLoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        cls = _elastic_class(base_layer)
+        if cls is None:
+            raise ValueError(
+                f"Module {kwargs.get('target_name', '')!r} of type {type(base_layer).__name__} cannot take an elastic "
+                "LoRA adapter; supported: torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt/Linear4bit "
+                "and gptqmodel quantized linear layers. Remove it from target_modules."
+            )
+        if cls is Linear:
+            # Conv1D stores its weight transposed; mirror LoRA's handling of fan_in_fan_out.
+            is_conv1d = isinstance(base_layer, Conv1D)
+            if config.fan_in_fan_out != is_conv1d:
+                warnings.warn(
+                    f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(base_layer).__name__}; "
+                    f"setting it to {is_conv1d}."
+                )
+                config.fan_in_fan_out = is_conv1d
+            kwargs["is_target_conv_1d_layer"] = is_conv1d
+        return cls(target, adapter_name, config=config, **kwargs)
+
+    def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        rank_groups(model, config, adapter_name)  # fails early on inconsistent groups
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter is not available for elastic adapters, whose rank changes with the subnetwork. "
+            "Export fixed-rank adapters with peft_elastic.export_sub_adapter and combine them with stock PEFT LoRA."
+        )

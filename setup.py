@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+extras = {
+    # gptqmodel >= 7.7 requires torch >= 2.14.1; 7.6 builds against any torch >= 2.8 (use --no-build-isolation).
+    "gptq": ["gptqmodel>=7.6.0", "optimum>=2.0"],
+    "bnb": ["bitsandbytes>=0.45"],
+    "search": ["optuna>=4.0", "matplotlib>=3.8"],
+    "eval": ["lm-eval>=0.4.5"],
+    "dev": ["pytest>=8", "ruff>=0.6"],
+}
+extras["all"] = sorted({req for name, reqs in extras.items() if name != "dev" for req in reqs})
+
+setup(
+    name="peft_elastic",
+    version="0.1.0",
+    description="Elastic low-rank adapters for Hugging Face PEFT: NLS (Shears), SparsePEFT (SQFT), LoNAS.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["peft_elastic", "peft_elastic.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "peft>=0.21",
+        "transformers>=5",
+        "accelerate",
+        "datasets",
+        "trl",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require=extras,
+)
