@@ -35,8 +35,9 @@ def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
     if registered is not None:
         if registered.__qualname__ != config_cls.__qualname__:
             raise RuntimeError(
-                f"PEFT type {peft_type.value!r} is already registered to {registered.__module__}.{registered.__name__}; "
-                f"cannot register {config_cls.__module__}.{config_cls.__name__} under the same name."
+                f"PEFT type {peft_type.value!r} is already registered to "
+                f"{registered.__module__}.{registered.__name__}; cannot register "
+                f"{config_cls.__module__}.{config_cls.__name__} under the same name."
             )
         # The same class (possibly re-created by a module reload): point PEFT at the newest objects.
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 from peft import LoraConfig
 from peft.utils import PeftType
@@ -60,7 +59,7 @@ class ElasticLoraConfig(LoraConfig):
     initialisations (PiSSA, LoftQ, EVA, ...) are not supported.
     """
 
-    rank_choices: Optional[list[int]] = field(
+    rank_choices: list[int] | None = field(
         default=None,
         metadata={
             "help": (
@@ -79,7 +78,7 @@ class ElasticLoraConfig(LoraConfig):
             )
         },
     )
-    rank_groups: Optional[list[list[str]]] = field(
+    rank_groups: list[list[str]] | None = field(
         default=None,
         metadata={
             "help": (
@@ -128,8 +127,8 @@ class ElasticLoraConfig(LoraConfig):
             variants.append("use_qalora")
         if variants:
             raise ValueError(
-                f"ElasticLoraConfig does not support the LoRA variant(s) {variants}: leave them unset (an elastic rank "
-                "slices plain LoRA factors)."
+                f"ElasticLoraConfig does not support the LoRA variant(s) {variants}: leave them unset (an elastic "
+                "rank slices plain LoRA factors)."
             )
         if self.init_lora_weights not in SUPPORTED_INIT:
             raise ValueError(

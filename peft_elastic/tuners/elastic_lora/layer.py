@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 from torch import nn
 

@@ -64,7 +64,8 @@ class ElasticLoraModel(LoraModel):
             if config.fan_in_fan_out != is_conv1d:
                 warnings.warn(
                     f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(base_layer).__name__}; "
-                    f"setting it to {is_conv1d}."
+                    f"setting it to {is_conv1d}.",
+                    stacklevel=2,
                 )
                 config.fan_in_fan_out = is_conv1d
             kwargs["is_target_conv_1d_layer"] = is_conv1d

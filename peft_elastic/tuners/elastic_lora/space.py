@@ -23,7 +23,8 @@ def rank_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) 
     """The rank groups of `adapter_name` in `model` (the tuner's wrapped model), in module order.
 
     A group's name is readable and stable: the module name for a group of one module, else the parent module's name
-    followed by the member suffixes in `config.rank_groups` order, e.g. `model.layers.0.self_attn.q_proj+k_proj+v_proj`.
+    followed by the member suffixes in `config.rank_groups` order, e.g.
+    `model.layers.0.self_attn.q_proj+k_proj+v_proj`.
     """
     suffix_to_group = {suffix: index for index, group in enumerate(config.rank_groups) for suffix in group}
     buckets: dict[tuple[str, int | None], list[tuple[str, str, ElasticLoraLayer]]] = {}
