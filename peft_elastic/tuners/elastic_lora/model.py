@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_gptqmodel_available
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -32,13 +33,13 @@ def _elastic_class(base_layer: nn.Module) -> type | None:
 
         if isinstance(base_layer, bnb.nn.Linear4bit):
             return Linear4bit
-    if is_gptqmodel_available():
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
+    # A model with GPTQ layers has imported gptqmodel already; importing it otherwise would only cost time and
+    # change process-wide settings (gptqmodel sets environment variables on import).
+    gptq_qlinear = sys.modules.get("gptqmodel.nn_modules.qlinear")
+    if gptq_qlinear is not None and isinstance(base_layer, gptq_qlinear.BaseQuantLinear):
         from .gptq import GPTQLinear
 
-        if isinstance(base_layer, BaseQuantLinear):
-            return GPTQLinear
+        return GPTQLinear
     if isinstance(base_layer, (nn.Linear, Conv1D)):
         return Linear
     return None
