@@ -3,14 +3,15 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 extras = {
-    # gptqmodel >= 7.7 requires torch >= 2.14.1; 7.6 builds against any torch >= 2.8 (use --no-build-isolation).
-    "gptq": ["gptqmodel>=7.6.0", "optimum>=2.0"],
+    # gptqmodel 7.7 requires torch >= 2.14.1; 7.6 works with any torch >= 2.8 (e.g. the CPU build of 2.13).
+    "gptq": ["gptqmodel>=7.6,<7.7", "optimum>=2.0"],
     "bnb": ["bitsandbytes>=0.45"],
     "search": ["optuna>=4.0", "matplotlib>=3.8"],
     "eval": ["lm-eval>=0.4.5"],
-    "dev": ["pytest>=8", "ruff>=0.6"],
 }
-extras["all"] = sorted({req for name, reqs in extras.items() if name != "dev" for req in reqs})
+extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
+# What the test suite needs: the quantized backends it tests against, pytest and ruff.
+extras["dev"] = sorted({*extras["gptq"], *extras["bnb"], "pytest>=8", "ruff>=0.6"})
 
 setup(
     name="peft_elastic",
