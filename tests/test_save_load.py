@@ -110,3 +110,11 @@ def test_state_dict_roundtrip_through_torch_load_is_not_used(tmp_path, input_ids
         ],
         model.base_model.model.model.layers[1].mlp.up_proj.lora_B["default"].weight.detach(),
     )
+
+
+def test_low_cpu_mem_usage_loading(tmp_path, input_ids):
+    _, subnetwork, logits = saved_super(tmp_path, input_ids)
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "super", low_cpu_mem_usage=True)
+    assert {p.device.type for p in again.parameters()} == {"cpu"}
+    assert peft_elastic.get_subnetwork(again) == subnetwork
+    assert (again(input_ids).logits - logits).abs().max() == 0
