@@ -49,7 +49,9 @@ def nf4_config() -> BitsAndBytesConfig:
 
 def load_bnb(path, bits: int):
     config = nf4_config() if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    )
 
 
 def elastic(base):
@@ -395,7 +397,9 @@ def load_gptq(path):
     # backend "gptq_torch" = gptqmodel's TorchLinear: standard packed layout, differentiable w.r.t. its input.
     # Without it this CPU gets TorchAtenLinear, which re-lays out qweight for an inference kernel.
     config = GPTQConfig(bits=4, backend="gptq_torch")
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    )
 
 
 def test_gptq_layers_forward_backward_and_no_merge(gptq_checkpoint, input_ids):
