@@ -3,7 +3,8 @@
 LoRA computes `y = base(x) + s · B(A(dropout(x)))` with `A` (r × in), `B` (out × r) and `s = alpha / r`. Here the
 factors are `LoraA` / `LoraB` modules that use only a prefix of their rank: `A[:k, :]` and `B[:, :k]`, where `k` is
 the active rank of the adapter. Slicing gives views (no copies, no masks) and autograd sends gradient only to the
-active slice. Because every PEFT LoRA layer (dense, Conv1D, bitsandbytes, GPTQ, ...) calls `lora_B(lora_A(x))`,
+active slice; at full rank the weights are used as they are, so the maximal subnetwork costs what LoRA costs.
+Because every PEFT LoRA layer (dense, Conv1D, bitsandbytes, GPTQ, ...) calls `lora_B(lora_A(x))`,
 replacing the two factor modules makes all of them elastic; `ElasticLoraLayer` adds the rank bookkeeping and a
 delta weight (for merging) of the active rank.
 """
@@ -36,7 +37,8 @@ class LoraA(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., k)
-        return F.linear(x, self.weight[: self.active_rank])
+        weight = self.weight if self.active_rank == self.out_features else self.weight[: self.active_rank]
+        return F.linear(x, weight)
 
     def get_extra_state(self) -> torch.Tensor:
         return torch.tensor(self.active_rank, dtype=torch.int64)
@@ -63,7 +65,9 @@ class LoraB(nn.Linear):
         return module
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., k) -> (..., out)
-        return F.linear(h, self.weight[:, : h.shape[-1]], self.bias)
+        k = h.shape[-1]
+        weight = self.weight if k == self.in_features else self.weight[:, :k]
+        return F.linear(h, weight, self.bias)
 
 
 class ElasticLoraLayer(LoraLayer):

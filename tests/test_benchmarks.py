@@ -1,0 +1,72 @@
+"""The benchmark scripts run and write their section of a results file (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_TIME = ROOT / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("benchmarks_step_time", STEP_TIME)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_step_time_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nKept as it is.\n")
+    args = ["--quick", "--rounds", "2", "--steps", "1", "--warmup", "0", "--results", str(results)]
+    subprocess.run([sys.executable, str(STEP_TIME), *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nKept as it is.\n\n<!-- step_time:start -->\n")
+    assert text.count("<!-- step_time:start -->") == text.count("<!-- step_time:end -->") == 1
+    assert f"`python benchmarks/step_time.py {' '.join(args)}`" in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    rows = {row[0][2:]: (row[1], row[2], row[3]) for row in cells[1:]}
+    # tiny Llama (2 layers, hidden 64, intermediate 128, 2 KV heads of 16), 7 target modules: 8192 adapter params per
+    # layer at rank 8; the heuristic rank of [8, 6, 4] is 6
+    assert rows == {
+        "lora": ("8", "16,384", "2"),
+        "elastic max": ("8", "16,384", "2"),
+        "elastic heuristic": ("6", "12,288", "2"),
+        "elastic min": ("4", "8,192", "2"),
+    }
+    assert "ratio vs LoRA" in text and ("meets the goal" in text or "misses the goal" in text)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_section_replaces_only_its_own_section(step_time, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Results\n\nbefore\n\n{step_time.START}\nold\n{step_time.END}\n\nafter: other benchmark\n")
+    step_time.write_section(path, f"{step_time.START}\nnew\n{step_time.END}\n")
+    expected = f"# Results\n\nbefore\n\n{step_time.START}\nnew\n{step_time.END}\n\nafter: other benchmark\n"
+    assert path.read_text() == expected
+
+
+def test_write_section_creates_the_file(step_time, tmp_path):
+    path = tmp_path / "sub" / "RESULTS.md"
+    step_time.write_section(path, f"{step_time.START}\nnew\n{step_time.END}\n")
+    assert path.read_text() == f"# Benchmark results\n\n{step_time.START}\nnew\n{step_time.END}\n"
+
+
+def test_write_section_refuses_a_broken_section(step_time, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    original = f"# Results\n\n{step_time.START}\nno end marker\n"
+    path.write_text(original)
+    with pytest.raises(RuntimeError, match="broken .* section; fix it by hand"):
+        step_time.write_section(path, f"{step_time.START}\nnew\n{step_time.END}\n")
+    assert path.read_text() == original
