@@ -81,8 +81,8 @@ FULL = Setup(
     seq_len=64,
     r=32,
     rank_choices=(32, 24, 16),
-    rounds=30,
-    steps=3,
+    rounds=60,
+    steps=1,
     warmup=3,
 )
 QUICK = Setup(
@@ -235,11 +235,13 @@ def summarize(variants: list[Variant], per_round: list[list[float]]) -> list[dic
                 rank=variant.rank,
                 params=variant.adapter_params,
                 steps=len(variant.times),
+                best=1e3 * min(variant.times),
                 median=1e3 * med,
                 q1=1e3 * q1,
                 q3=1e3 * q3,
                 iqr_pct=100 * (q3 - q1) / med,
                 ratio=med / lora_median,
+                best_ratio=min(variant.times) / min(variants[0].times),
                 paired=(r1, rmed, r3),
             )
         )
@@ -249,15 +251,15 @@ def summarize(variants: list[Variant], per_round: list[list[float]]) -> list[dic
 def table(rows: list[dict]) -> str:
     """The figures as a Markdown table."""
     lines = [
-        "| variant | rank | adapter params | steps | median ms | IQR ms (q1-q3) | IQR % | ratio vs LoRA "
-        "| per-round ratio median [q1, q3] |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | rank | adapter params | steps | min ms | median ms | IQR ms (q1-q3) | IQR % | ratio vs LoRA "
+        "(medians) | ratio vs LoRA (minima) | per-round ratio median [q1, q3] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         r1, rmed, r3 = r["paired"]
         lines.append(
-            f"| {r['variant']} | {r['rank']} | {r['params']:,} | {r['steps']} | {r['median']:.1f} "
-            f"| {r['q1']:.1f}-{r['q3']:.1f} | {r['iqr_pct']:.1f} | {r['ratio']:.3f} "
+            f"| {r['variant']} | {r['rank']} | {r['params']:,} | {r['steps']} | {r['best']:.1f} | {r['median']:.1f} "
+            f"| {r['q1']:.1f}-{r['q3']:.1f} | {r['iqr_pct']:.1f} | {r['ratio']:.3f} | {r['best_ratio']:.3f} "
             f"| {rmed:.3f} [{r1:.3f}, {r3:.3f}] |"
         )
     return "\n".join(lines)
@@ -281,8 +283,8 @@ def command() -> str:
 
 def section(setup: Setup, rows: list[dict], seconds: float) -> str:
     """This benchmark's section of RESULTS.md, markers included."""
-    elastic = rows[1]["ratio"]
-    verdict = "meets" if elastic <= GOAL else "misses"
+    elastic, elastic_best = rows[1]["ratio"], rows[1]["best_ratio"]
+    verdict = "meets" if max(elastic, elastic_best) <= GOAL else "misses"
     s = setup
     return f"""{START}
 ## Training-step time: ElasticLoRA vs LoRA (`benchmarks/step_time.py`)
@@ -304,9 +306,10 @@ def section(setup: Setup, rows: list[dict], seconds: float) -> str:
 
 {table(rows)}
 
-"ratio vs LoRA" is the ratio of medians over all timed steps; "per-round ratio" pairs each variant's median with
-LoRA's in the same round, which cancels slow drifts of the machine's load. Elastic (max rank) / LoRA =
-{elastic:.3f}: {verdict} the goal of <= {GOAL}.
+"ratio vs LoRA (medians)" is the ratio of medians over all timed steps; "(minima)" the ratio of the fastest steps,
+which noise from other processes can only lengthen; "per-round ratio" pairs each variant's median with LoRA's in the
+same round, which cancels slow drifts of the machine's load. Elastic (max rank) / LoRA = {elastic:.3f} (medians),
+{elastic_best:.3f} (minima): {verdict} the goal of <= {GOAL}.
 {END}
 """
 
@@ -348,9 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Markdown file whose step_time section to write (default: {RESULTS.name} next to this script; "
         "with --quick, nothing is written unless this is given)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 30, or 4 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 60, or 4 with --quick)")
     parser.add_argument(
-        "--steps", type=int, default=None, help="timed steps per variant per round (default: 3, or 2 with --quick)"
+        "--steps", type=int, default=None, help="timed steps per variant per round (default: 1, or 2 with --quick)"
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="discarded steps per variant (default: 3, or 1 with --quick)"
