@@ -14,19 +14,23 @@ from .subnetwork import (
     minimal_subnetwork,
     module_ranks,
     num_adapter_parameters,
+    parameters_per_rank,
     sample_subnetwork,
     search_space,
     set_subnetwork,
 )
 from .tuners.elastic_lora import ElasticLoraConfig, ElasticLoraModel
+from .tuners.nls import NLSConfig
 
 __version__ = "0.1.0"
 
 register_tuner("elastic_lora", ElasticLoraConfig, ElasticLoraModel)
+register_tuner("nls", NLSConfig, ElasticLoraModel)  # a preset: same tuner, its own PEFT type
 
 __all__ = [
     "ElasticLoraConfig",
     "ElasticLoraModel",
+    "NLSConfig",
     "export_sub_adapter",
     "get_subnetwork",
     "heuristic_subnetwork",
@@ -34,6 +38,7 @@ __all__ = [
     "minimal_subnetwork",
     "module_ranks",
     "num_adapter_parameters",
+    "parameters_per_rank",
     "sample_subnetwork",
     "search_space",
     "set_subnetwork",

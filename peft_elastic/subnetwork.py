@@ -149,6 +149,19 @@ def module_ranks(
     }
 
 
+def parameters_per_rank(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """`{group name: adapter parameters per unit of rank}`: a group at rank `k` uses `k` times this many parameters
+    (`in + out` summed over its modules), not counting LoRA biases."""
+    adapter_name, groups = _groups(model, adapter_name)
+    return {
+        name: sum(
+            layer.lora_A[adapter_name].in_features + layer.lora_B[adapter_name].out_features
+            for _, layer in group.modules
+        )
+        for name, group in groups.items()
+    }
+
+
 def num_adapter_parameters(
     model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
 ) -> int:
