@@ -178,7 +178,7 @@ class FixedSampler(SubnetworkSampler):
 
 
 class GridParamsSampler(SubnetworkSampler):
-    """Grid-params sampling (Sukthanker et al., *Large Language Model Compression with Neural Architecture Search*,
+    """Grid-params sampling (Sukthanker et al., *LLM Compression with Neural Architecture Search*,
     2024): spend the steps evenly over model sizes instead of oversampling mid-sized subnetworks as uniform draws do.
 
     At setup, the range `[params(minimal), params(maximal)]` of active adapter parameters is cut into `bins` equal
