@@ -244,6 +244,29 @@ def test_resume_from_checkpoint_continues_the_sequence(tmp_path, strategy):
         torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resume_with_restored_callback_state_keeps_the_trainer_support(tmp_path):
+    # restore_callback_states_from_checkpoint=True makes the Trainer replace the callback by a new instance
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2, restore_callback_states_from_checkpoint=True)
+    full, full_recorder = train(
+        tmp_path / "full",
+        callback=SubnetworkSamplingCallback("sandwich", seed=5),
+        trainer_cls=ElasticTrainer,
+        **kwargs,
+    )
+    full.train()
+    resumed, resumed_recorder = train(
+        tmp_path / "resumed",
+        model=nls_model(seed_b=99),
+        callback=SubnetworkSamplingCallback("sandwich", seed=5),
+        trainer_cls=ElasticTrainer,
+        **kwargs,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "run" / "checkpoint-2"))
+    assert sampling_callback(resumed)._trainer is resumed
+    assert [step for step, _ in resumed_recorder.calls] == [2, 2, 2, 3, 3, 3]  # three passes per step
+    assert resumed_recorder.calls == full_recorder.calls[6:]
+
+
 # ------------------------------------------------------------------------------------------ sandwich gradients
 
 

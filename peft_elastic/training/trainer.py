@@ -33,11 +33,20 @@ class ElasticTrainerMixin:
             )
         return callbacks[0] if callbacks else None
 
-    def train(self, *args, **kwargs):
+    def _attach_sampling_callback(self) -> None:
         callback = self._sampling_callback()
         if callback is not None:
             callback.attach(self)
+
+    def train(self, *args, **kwargs):
+        self._attach_sampling_callback()
         return super().train(*args, **kwargs)
+
+    def _load_callback_state(self, *args, **kwargs):
+        # With `restore_callback_states_from_checkpoint=True` the Trainer replaces the callbacks by new instances.
+        result = super()._load_callback_state(*args, **kwargs)
+        self._attach_sampling_callback()
+        return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         callback = self._sampling_callback()
