@@ -7,6 +7,7 @@ checkpoint.
 
 from ._registry import register_tuner
 from .export import export_sub_adapter, sub_adapter_state
+from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
 from .subnetwork import (
     get_subnetwork,
     heuristic_subnetwork,
@@ -31,16 +32,20 @@ __all__ = [
     "ElasticLoraConfig",
     "ElasticLoraModel",
     "NLSConfig",
+    "SparsityReport",
     "export_sub_adapter",
     "get_subnetwork",
     "heuristic_subnetwork",
     "maximal_subnetwork",
+    "measure_sparsity",
     "minimal_subnetwork",
     "module_ranks",
     "num_adapter_parameters",
     "parameters_per_rank",
     "sample_subnetwork",
+    "save_sparsified",
     "search_space",
     "set_subnetwork",
+    "sparsify",
     "sub_adapter_state",
 ]
