@@ -22,16 +22,20 @@ from .subnetwork import (
 )
 from .tuners.elastic_lora import ElasticLoraConfig, ElasticLoraModel
 from .tuners.nls import NLSConfig
+from .tuners.sparse_peft import SparsePEFTConfig, SparsePEFTModel
 
 __version__ = "0.1.0"
 
 register_tuner("elastic_lora", ElasticLoraConfig, ElasticLoraModel)
 register_tuner("nls", NLSConfig, ElasticLoraModel)  # a preset: same tuner, its own PEFT type
+register_tuner("sparse_peft", SparsePEFTConfig, SparsePEFTModel)
 
 __all__ = [
     "ElasticLoraConfig",
     "ElasticLoraModel",
     "NLSConfig",
+    "SparsePEFTConfig",
+    "SparsePEFTModel",
     "SparsityReport",
     "export_sub_adapter",
     "get_subnetwork",

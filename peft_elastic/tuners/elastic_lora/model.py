@@ -50,16 +50,21 @@ class ElasticLoraModel(LoraModel):
     and saving work as for LoRA; only the layers are elastic (see `peft_elastic.tuners.elastic_lora.layer`)."""
 
     @staticmethod
-    def _create_new_module(config: ElasticLoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+    def _layer_class(base_layer: nn.Module) -> type | None:
+        """The adapter layer class for `base_layer` (None: unsupported). Subclasses map to their own layers."""
+        return _elastic_class(base_layer)
+
+    @classmethod
+    def _create_new_module(cls, config: ElasticLoraConfig, adapter_name: str, target: nn.Module, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        cls = _elastic_class(base_layer)
-        if cls is None:
+        layer_cls = cls._layer_class(base_layer)
+        if layer_cls is None:
             raise ValueError(
                 f"Module {kwargs.get('target_name', '')!r} of type {type(base_layer).__name__} cannot take an elastic "
                 "LoRA adapter; supported: torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt/Linear4bit "
                 "and gptqmodel quantized linear layers. Remove it from target_modules."
             )
-        if cls is Linear:
+        if issubclass(layer_cls, Linear):
             # Conv1D stores its weight transposed; mirror LoRA's handling of fan_in_fan_out.
             is_conv1d = isinstance(base_layer, Conv1D)
             if config.fan_in_fan_out != is_conv1d:
@@ -70,7 +75,7 @@ class ElasticLoraModel(LoraModel):
                 )
                 config.fan_in_fan_out = is_conv1d
             kwargs["is_target_conv_1d_layer"] = is_conv1d
-        return cls(target, adapter_name, config=config, **kwargs)
+        return layer_cls(target, adapter_name, config=config, **kwargs)
 
     def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)

@@ -1,0 +1,16 @@
+"""SparsePEFT (SQFT): elastic LoRA whose update is masked by the base weight's sparsity pattern."""
+
+from .config import SparsePEFTConfig
+from .function import MaskedLowRankLinear, masked_low_rank_linear, pack_mask, unpack_mask
+from .layer import SparsePEFTLayer
+from .model import SparsePEFTModel
+
+__all__ = [
+    "MaskedLowRankLinear",
+    "SparsePEFTConfig",
+    "SparsePEFTLayer",
+    "SparsePEFTModel",
+    "masked_low_rank_linear",
+    "pack_mask",
+    "unpack_mask",
+]
