@@ -212,14 +212,19 @@ class GridParamsSampler(SubnetworkSampler):
 
     def setup(self, model, adapter_name=None, state=None):
         super().setup(model, adapter_name, state)
+        self.costs = parameters_per_rank(model, adapter_name)
         if state and state.get("grid"):
             grid = [dict(entry) for entry in state["grid"]]
+            fits = state.get("bins", self.bins) == self.bins and len(grid) <= self.bins
             for entry in grid:
-                if entry.keys() != self.space.keys() or any(entry[g] not in self.space[g] for g in entry):
-                    raise ValueError(
-                        "The grid_params grid saved in the checkpoint does not fit this model's search space; resume "
-                        "with the model and adapter configuration the checkpoint was trained with."
-                    )
+                fits = fits and entry.keys() == self.space.keys()
+                fits = fits and all(type(rank) is int and rank in self.space[g] for g, rank in entry.items())
+            if not fits:
+                raise ValueError(
+                    f"The grid_params grid saved in the checkpoint (bins={state.get('bins')}) does not fit this "
+                    f"model's search space and bins={self.bins}; resume with the model, adapter configuration and "
+                    "sampler options the checkpoint was trained with."
+                )
             self.grid, self.empty_bins = grid, int(state.get("empty_bins", 0))
             return
         self.grid, self.empty_bins = self.build_grid(model, adapter_name)
@@ -274,7 +279,7 @@ class GridParamsSampler(SubnetworkSampler):
         return [dict(self.grid[rng.randrange(len(self.grid))])]
 
     def state(self):
-        return {"grid": [dict(entry) for entry in self.grid], "empty_bins": self.empty_bins}
+        return {"grid": [dict(entry) for entry in self.grid], "empty_bins": self.empty_bins, "bins": self.bins}
 
     def __repr__(self) -> str:
         return (
