@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -115,6 +116,8 @@ class SparsePEFTLayer(ElasticLoraLayer):
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        for key in VARIANT_KWARG_KEYS:  # LoRA-variant arguments, not for the base layer
+            kwargs.pop(key, None)
         result = self.base_layer(x, *args, **kwargs)
         for adapter in set(adapter_names):
             if adapter == "__base__" or adapter not in self.lora_A:
