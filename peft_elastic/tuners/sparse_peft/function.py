@@ -36,28 +36,37 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
-def masked_delta(weight_a: torch.Tensor, weight_b: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`s · (B A) ⊙ M` (out × in)."""
-    delta = weight_b @ weight_a
-    delta.mul_(mask)
-    if scaling != 1:
-        delta.mul_(scaling)
-    return delta
+def _float_mask(packed_mask, in_features, weight, dtype) -> torch.Tensor:
+    """`M` as 0/1 in `dtype` (bool arithmetic is several times slower on CPU). With a dense float `W`, `M` is read
+    from `W` itself (`|sign(W)|`, one pass) instead of unpacking the cached mask: the two agree while the adapter is
+    unmerged, which is when this runs."""
+    if weight is not None:
+        return weight.sign().abs_().to(dtype)
+    shifts = _SHIFTS.to(packed_mask.device)
+    bits = (packed_mask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed_mask.shape[0], -1)[:, :in_features].to(dtype)
+
+
+def _effective(weight_a, weight_b, scaling, mask, weight):
+    """`W + s · (B A) ⊙ M` (or `s · (B A) ⊙ M` without `W`), in the dtype of `weight_a`."""
+    delta = (weight_b * scaling) @ weight_a  # the scaling on the small factor: no extra weight-sized pass
+    if weight is None:
+        return delta.mul_(mask)
+    return torch.addcmul(weight.to(delta.dtype), delta, mask)
 
 
 class MaskedLowRankLinear(torch.autograd.Function):
     """`y = x (W + s · (B A) ⊙ M)ᵀ + bias`, or `y = x (s · (B A) ⊙ M)ᵀ` when `weight` is None.
 
-    `weight` and `bias` are frozen (no gradient). `weight_a` (k × in) and `weight_b` (out × k) may be slices of
-    larger factors; their gradients flow back into those. All math runs in the dtype of `weight_a`."""
+    `weight` (dense, float, with the zero pattern of the mask) and `bias` are frozen (no gradient). `weight_a`
+    (k × in) and `weight_b` (out × k) may be slices of larger factors; their gradients flow back into those. All
+    math runs in the dtype of `weight_a`."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, packed_mask, in_features, scaling, weight=None, bias=None):
-        mask = unpack_mask(packed_mask, in_features)
-        effective = masked_delta(weight_a, weight_b, mask, scaling)
+        mask = _float_mask(packed_mask, in_features, weight, weight_a.dtype)
+        effective = _effective(weight_a, weight_b, scaling, mask, weight)
         del mask
-        if weight is not None:
-            effective.add_(weight.to(effective.dtype))
         out = x.to(effective.dtype) @ effective.T
         del effective
         if bias is not None:
@@ -70,26 +79,21 @@ class MaskedLowRankLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight_a, weight_b, packed_mask, weight = ctx.saved_tensors
         scaling, dtype = ctx.scaling, weight_a.dtype
-        mask = unpack_mask(packed_mask, ctx.in_features)
         grad_out = grad_out.to(dtype)
         grad_x = grad_a = grad_b = None
+        mask = _float_mask(packed_mask, ctx.in_features, weight, dtype)
         if ctx.needs_input_grad[0]:
-            effective = masked_delta(weight_a, weight_b, mask, scaling)
-            if weight is not None:
-                effective.add_(weight.to(dtype))
+            effective = _effective(weight_a, weight_b, scaling, mask, weight)
             grad_x = (grad_out @ effective).to(x.dtype)
             del effective
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
             flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-            grad_delta = flat_grad.T @ flat_x  # (out × in)
-            grad_delta.mul_(mask)
-            if scaling != 1:
-                grad_delta.mul_(scaling)
+            grad_delta = (flat_grad.T @ flat_x).mul_(mask)  # (out × in), masked; the scaling goes on the factors
             if ctx.needs_input_grad[1]:
-                grad_a = weight_b.T @ grad_delta
+                grad_a = (weight_b * scaling).T @ grad_delta
             if ctx.needs_input_grad[2]:
-                grad_b = grad_delta @ weight_a.T
+                grad_b = (grad_delta @ weight_a.T).mul_(scaling)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
