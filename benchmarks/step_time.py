@@ -314,16 +314,17 @@ same round, which cancels slow drifts of the machine's load. Elastic (max rank) 
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of `path` (or append it, or create the file), atomically."""
+def write_section(path: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
+    """Replace the section between `markers` of `path` (or append it, or create the file), atomically."""
+    first, last = markers
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = old.find(START), old.find(END)
+    start, end = old.find(first), old.find(last)
     if (start < 0) != (end < 0) or end < start:
-        raise RuntimeError(f"{path} has a broken {START} ... {END} section; fix it by hand first.")
+        raise RuntimeError(f"{path} has a broken {first} ... {last} section; fix it by hand first.")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        new = old[:start] + text.rstrip("\n") + old[end + len(END) :]
+        new = old[:start] + text.rstrip("\n") + old[end + len(last) :]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

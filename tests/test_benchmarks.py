@@ -70,3 +70,21 @@ def test_write_section_refuses_a_broken_section(step_time, tmp_path):
     with pytest.raises(RuntimeError, match="broken .* section; fix it by hand"):
         step_time.write_section(path, f"{step_time.START}\nnew\n{step_time.END}\n")
     assert path.read_text() == original
+
+
+def test_sparse_peft_step_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    script = ROOT / "benchmarks" / "sparse_peft_step.py"
+    command = [sys.executable, str(script), "--quick", "--results", str(results)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    assert "<!-- sparse_peft_step_seq32:start -->" in text and "<!-- sparse_peft_step_seq32:end -->" in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    names = [row[0][2:] for row in cells if row[0][2:] in ("lora", "sparse_peft", "reference")]
+    assert names == ["lora", "sparse_peft", "reference"] * 2  # the timing table and the memory table
+    # SparsePEFT and the reference formulation computed the same loss; LoRA's adapter has as many parameters
+    assert "SparsePEFT and reference loss" in text and "equal" in text
+    assert {row[2] for row in cells if row[0][2:] in names and len(row) > 8} == {"11,264"}
+    for goal in ("sparse_peft / lora", "sparse_peft / reference", "peak memory sparse_peft / lora"):
+        assert f"{goal} = " in text
