@@ -240,3 +240,89 @@ def test_bad_calibration_data(data, message):
     with pytest.raises(ValueError, match=message):
         peft_elastic.sparsify(model, data, "wanda", 0.5, progress=False)
     assert peft_elastic.measure_sparsity(model).sparsity == 0
+
+
+def _tiny(config_cls_name: str, **kwargs):
+    import transformers
+
+    config = getattr(transformers, config_cls_name)(**kwargs)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("model_fn", "prefix", "linears"),
+    [
+        (
+            lambda: _tiny(
+                "MistralConfig",
+                vocab_size=96,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            ),
+            "model.layers",
+            7,
+        ),
+        (
+            lambda: _tiny(
+                "Qwen2Config",
+                vocab_size=96,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            ),
+            "model.layers",
+            7,
+        ),
+        (
+            lambda: _tiny(
+                "OPTConfig",
+                vocab_size=96,
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                max_position_embeddings=64,
+            ),
+            "model.decoder.layers",
+            6,
+        ),
+        (
+            lambda: _tiny(
+                "GPTNeoXConfig",
+                vocab_size=96,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            ),
+            "gpt_neox.layers",
+            4,
+        ),
+    ],
+    ids=["mistral", "qwen2", "opt", "gpt_neox"],
+)
+def test_other_decoder_architectures(model_fn, prefix, linears):
+    model = model_fn()
+    report = peft_elastic.sparsify(model, calibration(3), "wanda", 0.5, progress=False)
+    assert len(report.modules) == 2 * linears
+    assert all(name.startswith(f"{prefix}.") for name in report.modules)
+    for name in report.modules:
+        weight = model.get_submodule(name).weight
+        assert ((weight == 0).sum(dim=1) == weight.shape[1] // 2).all(), name
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration(1)[0][None]).logits).all()
+    # the activations were really measured: Wanda's pattern is not magnitude's
+    magnitude = model_fn()
+    peft_elastic.sparsify(magnitude, None, "magnitude", 0.5, progress=False)
+    differs = [
+        (model.get_submodule(n).weight == 0) != (magnitude.get_submodule(n).weight == 0) for n in report.modules
+    ]
+    assert sum(float(d.float().mean()) for d in differs) / len(differs) > 0.02
