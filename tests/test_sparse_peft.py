@@ -338,3 +338,18 @@ def test_sft_run_on_a_sparse_model_then_merge_keeps_the_sparsity(tmp_path):
     after = zero_patterns(merged)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert peft_elastic.measure_sparsity(merged).modules == report.modules
+
+
+def test_low_cpu_mem_usage_and_transformers_load_adapter(tmp_path, input_ids):
+    model = sparse_peft()
+    peft_elastic.set_subnetwork(model, peft_elastic.minimal_subnetwork(model))
+    model.save_pretrained(tmp_path)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        again = PeftModel.from_pretrained(sparse_llama(), tmp_path, low_cpu_mem_usage=True)
+        assert peft_elastic.get_subnetwork(again) == peft_elastic.minimal_subnetwork(model)
+        assert torch.equal(again(input_ids).logits, expected)
+        base = sparse_llama()
+        base.load_adapter(str(tmp_path))
+        assert torch.equal(base(input_ids).logits, expected)
