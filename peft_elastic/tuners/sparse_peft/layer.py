@@ -58,8 +58,12 @@ class SparsePEFTLayer(ElasticLoraLayer):
         return unpack_mask(self.sparse_mask, self.sparse_in_features)
 
     def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`A[:k]`, `B[:, :k]` for the active rank `k` (the whole factors, without a slice, at full rank)."""
         k = self.active_rank(adapter)
-        return self.lora_A[adapter].weight[:k], self.lora_B[adapter].weight[:, :k]
+        weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if k == weight_a.shape[0]:
+            return weight_a, weight_b
+        return weight_a[:k], weight_b[:, :k]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """`s · (B[:, :k] A[:k]) ⊙ M` (transposed for Conv1D): the update that a merge adds."""
