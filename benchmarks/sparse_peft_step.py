@@ -38,11 +38,23 @@ import torch
 import torch.nn.functional as F
 import transformers
 from peft import LoraConfig, get_peft_model
-from step_time import FULL, QUICK, RESULTS, THREADS, Setup, Variant, cpu_model, run, summarize, table, write_section
+from step_time import (
+    FULL,
+    QUICK,
+    RESULTS,
+    THREADS,
+    Setup,
+    Variant,
+    base_model,
+    cpu_model,
+    run,
+    summarize,
+    table,
+    write_section,
+)
 
 import peft_elastic
 from peft_elastic import SparsePEFTConfig
-from peft_elastic.toy import tiny_llama
 from peft_elastic.tuners.sparse_peft import SparsePEFTLayer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -60,14 +72,8 @@ VARIANTS = ("lora", "sparse_peft", "reference")
 
 
 def sparse_base(setup: Setup):
-    model = tiny_llama(
-        vocab_size=setup.vocab_size,
-        hidden_size=setup.hidden_size,
-        intermediate_size=setup.intermediate_size,
-        num_hidden_layers=setup.num_hidden_layers,
-        num_attention_heads=setup.num_attention_heads,
-        num_key_value_heads=setup.num_key_value_heads,
-    )
+    """`step_time`'s tiny Llama, magnitude-pruned to `SPARSITY` in every row."""
+    model = base_model(setup)
     peft_elastic.sparsify(model, None, "magnitude", SPARSITY, progress=False)
     return model
 
