@@ -117,7 +117,7 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         except ValueError as error:
             raise ValueError(
                 f"SubnetworkSamplingCallback(strategy={self.strategy!r}) needs a model with an elastic adapter "
-                f"(ElasticLoraConfig or NLSConfig): {error}"
+                f"(ElasticLoraConfig, NLSConfig or SparsePEFTConfig): {error}"
             ) from None
         self.model = model
         if self.sampler.passes > 1 and self._trainer is None:
@@ -151,7 +151,7 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         set_subnetwork(self.model, self.current[0], self.adapter_name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._logged_params.append(sum(self._params(s) for s in self.current) // len(self.current))
+        self._logged_params.append(sum(self._params(s) for s in self.current) / len(self.current))
         # Evaluations and checkpoints that follow this step see the evaluation subnetwork.
         set_subnetwork(self.model, self._eval, self.adapter_name)
 
