@@ -77,6 +77,13 @@ class ElasticLoraModel(LoraModel):
             kwargs["is_target_conv_1d_layer"] = is_conv1d
         return layer_cls(target, adapter_name, config=config, **kwargs)
 
+    def _prepare_model(self, peft_config: ElasticLoraConfig, model: nn.Module) -> None:
+        super()._prepare_model(peft_config, model)
+        if any(hasattr(module, "support_avx512bf16_for_cpu") for module in model.modules()):  # bitsandbytes 4-bit
+            from .bnb import disable_4bit_cpu_relayout
+
+            disable_4bit_cpu_relayout(model)
+
     def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
         rank_groups(model, config, adapter_name)  # fails early on inconsistent groups

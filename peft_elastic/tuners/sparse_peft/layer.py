@@ -27,6 +27,9 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit
         import bitsandbytes as bnb
 
+        from ..elastic_lora.bnb import restore_4bit_layout
+
+        restore_4bit_layout(weight)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     if weight.dtype == torch.int8:  # bitsandbytes 8-bit: zero codes are zero weights
         return weight.data
