@@ -7,11 +7,17 @@ Three variants train the same 50 %-sparse tiny Llama (magnitude pruning) with th
 - `reference`: the same adapter computed as the reference code does, `x Wᵀ + x ((B A) s ⊙ M)ᵀ` with autograd and the
   mask rebuilt from `W` at every forward.
 
+Two model shapes: `tiny` (`step_time`'s Llama, hidden 512, 4 blocks) and `1b-block`, two decoder blocks of the
+shape of TinyLlama-1.1B (hidden 2048, intermediate 5632, 32 heads, 4 KV heads) with a 4096-token vocabulary, so
+that the adapted matmuls take the share of a step that they take in a real LLM (in the tiny model, attention, norms,
+the optimizer and the unadapted layers are a larger part of the step, and dilute every ratio towards 1).
+
 Step times are measured side by side in one process, interleaved (see `step_time.py`). Memory is measured twice:
 the bytes autograd saves for backward in one step (excluding the parameters), in this process; and the peak
 resident memory of a training step, each variant in a fresh process (Linux `VmHWM`, reset before the steps).
 
     python benchmarks/sparse_peft_step.py                       # full run, updates benchmarks/RESULTS.md
+    python benchmarks/sparse_peft_step.py --model 1b-block      # LLM-shaped blocks (about 10 minutes)
     python benchmarks/sparse_peft_step.py --quick --results /tmp/R.md
 """
 
@@ -59,12 +65,30 @@ from peft_elastic.tuners.sparse_peft import SparsePEFTLayer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SPARSITY = 0.5
+MAX_SEQ_LEN = 256  # max_position_embeddings of peft_elastic.toy.tiny_llama
 SEQ_LEN = 256  # 4 x 256 = 1024 tokens per step: with fewer tokens the rank-k products weigh more (k / tokens)
 
 
-def markers(seq_len: int) -> tuple[str, str]:
-    """This run's section markers in RESULTS.md: one section per sequence length."""
-    return f"<!-- sparse_peft_step_seq{seq_len}:start -->", f"<!-- sparse_peft_step_seq{seq_len}:end -->"
+# Model shapes (the adapters are r=32 on q/k/v/up/down in both; batch 4).
+MODELS = {
+    "tiny": FULL,
+    "1b-block": dataclasses.replace(
+        FULL,
+        vocab_size=4096,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+}
+ROUNDS = {"tiny": 30, "1b-block": 12}
+
+
+def markers(model: str, seq_len: int) -> tuple[str, str]:
+    """This run's section markers in RESULTS.md: one section per model shape and sequence length."""
+    name = f"sparse_peft_step_{model}_seq{seq_len}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 GOALS = {"sparse_peft / lora": 1.5, "sparse_peft / reference": 0.7, "peak memory sparse_peft / lora": 1.3}
@@ -176,10 +200,9 @@ def child(name: str, setup: Setup) -> None:
     print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": _rss_kib("VmHWM") / 1024}))
 
 
-def peak_memory(name: str, setup: Setup, quick: bool) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", name, "--seq-len", str(setup.seq_len)] + (
-        ["--quick"] if quick else []
-    )
+def peak_memory(name: str, setup: Setup, model: str, quick: bool) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", name, "--seq-len", str(setup.seq_len), "--model", model]
+    command += ["--quick"] if quick else []
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"peak-memory child for {name} failed:\n{result.stderr[-3000:]}")
@@ -189,8 +212,8 @@ def peak_memory(name: str, setup: Setup, quick: bool) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------- report
 
 
-def section(setup: Setup, rows, memory, saved, seconds: float, loss: float) -> str:
-    start_marker, end_marker = markers(setup.seq_len)
+def section(model: str, setup: Setup, rows, memory, saved, seconds: float, loss: float) -> str:
+    start_marker, end_marker = markers(model, setup.seq_len)
     by_name = {row["variant"]: row for row in rows}
     ratios = {
         "sparse_peft / lora": by_name["sparse_peft"]["ratio"],
@@ -209,7 +232,7 @@ def section(setup: Setup, rows, memory, saved, seconds: float, loss: float) -> s
     )
     s = setup
     return f"""{start_marker}
-## SparsePEFT training step, {s.batch_size} x {s.seq_len} tokens: time and memory (`benchmarks/sparse_peft_step.py`)
+## SparsePEFT training step, {model} model, {s.batch_size} x {s.seq_len} tokens (`benchmarks/sparse_peft_step.py`)
 
 - Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 - Command (from the repository root): `{shlex.join(["python", "benchmarks/sparse_peft_step.py", *sys.argv[1:]])}`
@@ -217,7 +240,8 @@ def section(setup: Setup, rows, memory, saved, seconds: float, loss: float) -> s
   {peft.__version__}, transformers {transformers.__version__}, peft_elastic {peft_elastic.__version__}, Python
   {platform.python_version()}
 - Model: Llama (`tiny_llama`), hidden {s.hidden_size}, intermediate {s.intermediate_size}, {s.num_hidden_layers}
-  layers, vocab {s.vocab_size}, float32, {SPARSITY:.0%} magnitude-sparse; adapters r={s.r} on q/k/v/up/down, same
+  layers, {s.num_attention_heads} heads ({s.num_key_value_heads} KV heads), vocab {s.vocab_size}, float32,
+  {SPARSITY:.0%} magnitude-sparse; adapters r={s.r} on q/k/v/up/down, same
   weights in all variants (SparsePEFT and reference loss {loss:.5f}, equal)
 - Step: forward + causal LM loss (batch {s.batch_size} x {s.seq_len}), backward, AdamW, zero_grad; interleaved,
   {s.warmup} warm-up step(s), {s.rounds} rounds x {s.steps} step(s) per variant; {seconds:.0f} s
@@ -238,6 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke run")
     parser.add_argument("--results", type=Path, default=None, help="Markdown file to write the section to")
     parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {SEQ_LEN}; batch 4)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="tiny", help="model shape (default: tiny; ignored with --quick)"
+    )
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -245,10 +272,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     seq_len = args.seq_len if args.seq_len is not None else (QUICK.seq_len if args.quick else SEQ_LEN)
-    if seq_len < 2:
-        raise SystemExit(f"--seq-len must be at least 2, got {seq_len}")
+    if not 2 <= seq_len <= MAX_SEQ_LEN:
+        raise SystemExit(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (the toy models' positions), got {seq_len}")
+    model = "quick" if args.quick else args.model
     setup = dataclasses.replace(
-        QUICK if args.quick else FULL, rounds=4 if args.quick else 30, steps=1, seq_len=seq_len
+        QUICK if args.quick else MODELS[model], rounds=4 if args.quick else ROUNDS[model], steps=1, seq_len=seq_len
     )
     if args.child:
         child(args.child, setup)
@@ -266,11 +294,11 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - start
     del variants
     gc.collect()
-    memory = {name: peak_memory(name, setup, args.quick) for name in VARIANTS}
-    text = section(setup, rows, memory, saved, seconds, loss)
-    print(text.split("\n", 1)[1].rsplit(markers(setup.seq_len)[1], 1)[0].strip())
+    memory = {name: peak_memory(name, setup, args.model, args.quick) for name in VARIANTS}
+    text = section(model, setup, rows, memory, saved, seconds, loss)
+    print(text.split("\n", 1)[1].rsplit(markers(model, setup.seq_len)[1], 1)[0].strip())
     if results is not None:
-        write_section(results, text, markers(setup.seq_len))
+        write_section(results, text, markers(model, setup.seq_len))
         print(f"\nwrote the sparse_peft_step section of {results}")
 
 

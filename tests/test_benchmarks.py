@@ -79,7 +79,8 @@ def test_sparse_peft_step_quick_run_writes_its_section(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = results.read_text()
-    assert "<!-- sparse_peft_step_seq32:start -->" in text and "<!-- sparse_peft_step_seq32:end -->" in text
+    name = "sparse_peft_step_quick_seq32"
+    assert f"<!-- {name}:start -->" in text and f"<!-- {name}:end -->" in text
     cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
     names = [row[0][2:] for row in cells if row[0][2:] in ("lora", "sparse_peft", "reference")]
     assert names == ["lora", "sparse_peft", "reference"] * 2  # the timing table and the memory table

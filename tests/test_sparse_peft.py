@@ -20,7 +20,14 @@ import peft_elastic
 from peft_elastic import SparsePEFTConfig
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import SubnetworkSamplingCallback
-from peft_elastic.tuners.sparse_peft import SparsePEFTLayer, masked_low_rank_linear, pack_mask, unpack_mask
+from peft_elastic.tuners.sparse_peft import (
+    SparsePEFTLayer,
+    clear_workspace,
+    masked_low_rank_linear,
+    pack_mask,
+    unpack_mask,
+    workspace_bytes,
+)
 
 R, ALPHA, CHOICES = 8, 16, [8, 6, 4]
 SCALING = ALPHA / R
@@ -113,6 +120,80 @@ def test_fused_function_gradcheck_float64():
         lambda x, a, b: masked_low_rank_linear(x, a, b, packed, 10, 1.7, weight), (x, a, b)
     )
     assert torch.autograd.gradcheck(lambda x, a, b: masked_low_rank_linear(x, a, b, packed, 10, 1.7), (x, a, b))
+
+
+def _random_problem(seed: int, out_features: int, in_features: int, k: int = 4):
+    """A sparse weight, its packed mask, an input and factors (the last three require grad), an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g)
+    weight[torch.rand(weight.shape, generator=g) < 0.5] = 0
+    x = torch.randn(5, in_features, generator=g, requires_grad=True)
+    a = torch.randn(k, in_features, generator=g, requires_grad=True)
+    b = torch.randn(out_features, k, generator=g, requires_grad=True)
+    return weight, pack_mask(weight != 0), x, a, b, torch.randn(5, out_features, generator=g)
+
+
+def _naive_grads(weight, x, a, b, upstream):
+    x, a, b = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    out = naive(x, weight, a, b, weight != 0, SCALING)
+    (out * upstream).sum().backward()
+    return out.detach(), [x.grad, a.grad, b.grad]
+
+
+def test_interleaved_calls_share_the_scratch_buffers_correctly():
+    """Forwards of differently shaped layers, then their backwards in reverse order, as in a model: each call
+    rebuilds what it needs, so the reused buffers never carry one layer's values into another's result."""
+    clear_workspace()
+    problems = [_random_problem(seed, *shape) for seed, shape in enumerate([(24, 16), (16, 40), (32, 8)])]
+    outs = [masked_low_rank_linear(x, a, b, packed, w.shape[1], SCALING, w) for w, packed, x, a, b, _ in problems]
+    # two slots (effective weight and mask) of the largest (out x in) among the layers, in float32
+    assert workspace_bytes() == 2 * 16 * 40 * 4
+    sum((out * p[-1]).sum() for out, p in zip(outs, problems, strict=True)).backward()
+    for out, (weight, _, x, a, b, upstream) in zip(outs, problems, strict=True):
+        expected_out, expected_grads = _naive_grads(weight, x, a, b, upstream)
+        torch.testing.assert_close(out.detach(), expected_out, rtol=1e-5, atol=1e-5)
+        for ours, expected in zip([x.grad, a.grad, b.grad], expected_grads, strict=True):
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert workspace_bytes() == 2 * 16 * 40 * 4  # reused, not grown
+    clear_workspace()
+    assert workspace_bytes() == 0
+
+
+def test_threads_have_their_own_scratch_buffers():
+    import threading
+
+    errors, barrier = [], threading.Barrier(2)
+
+    def work(seed):
+        try:
+            weight, packed, x, a, b, upstream = _random_problem(seed, 48, 64)
+            expected_out, expected_grads = _naive_grads(weight, x, a, b, upstream)
+            barrier.wait()
+            for _ in range(20):
+                x.grad = a.grad = b.grad = None
+                out = masked_low_rank_linear(x, a, b, packed, 64, SCALING, weight)
+                (out * upstream).sum().backward()
+                torch.testing.assert_close(out.detach(), expected_out, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(a.grad, expected_grads[1], rtol=1e-5, atol=1e-5)
+        except Exception as error:  # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (10, 11)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_gradients_are_not_differentiable_again():
+    """The function is once-differentiable (its backward writes into scratch buffers): with `create_graph=True` the
+    first-order gradients are right and carry no graph, rather than a wrong one."""
+    weight, packed, x, a, b, upstream = _random_problem(0, 8, 8)
+    out = masked_low_rank_linear(x, a, b, packed, 8, SCALING, weight)
+    (grad_a,) = torch.autograd.grad((out * upstream).sum(), a, create_graph=True)
+    torch.testing.assert_close(grad_a, _naive_grads(weight, x, a, b, upstream)[1][1], rtol=1e-5, atol=1e-5)
+    assert not grad_a.requires_grad and grad_a.grad_fn is None
 
 
 # ------------------------------------------------------------------------------------------------------ layers

@@ -4,6 +4,7 @@ from .config import SparsePEFTConfig
 from .function import MaskedLowRankLinear, masked_low_rank_linear, pack_mask, unpack_mask
 from .layer import SparsePEFTLayer
 from .model import SparsePEFTModel
+from .workspace import clear_workspace, workspace_bytes
 
 __all__ = [
     "MaskedLowRankLinear",
@@ -12,5 +13,7 @@ __all__ = [
     "SparsePEFTModel",
     "masked_low_rank_linear",
     "pack_mask",
+    "clear_workspace",
     "unpack_mask",
+    "workspace_bytes",
 ]

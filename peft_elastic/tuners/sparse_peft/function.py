@@ -4,18 +4,23 @@ SQFT's adapter update is `ΔW = s · (B A) ⊙ M` with `M = (W ≠ 0)`, so that 
 with autograd (`x Wᵀ + x ((B A) s ⊙ M)ᵀ`) it keeps the dense `B A`, the masked product and the mask alive for the
 backward pass and runs two dense matmuls forward. `MaskedLowRankLinear` instead
 
-- forward: builds `W_eff = W + s · (B A) ⊙ M` in one temporary, computes `y = x W_effᵀ + b` with one matmul and
-  frees it (or `y = x ΔWᵀ` when no base weight is given, for bases that run their own matmul);
-- backward: rebuilds `W_eff` for `∂L/∂x = g W_eff`, and with `G = s · (gᵀ x) ⊙ M` gives `∂L/∂B = G Aᵀ` and
-  `∂L/∂A = Bᵀ G`. It saves only `x`, `A`, `B` (and references to `W` and the packed mask).
+- forward: builds `W_eff = W + s · (B A) ⊙ M` in a scratch buffer and computes `y = x W_effᵀ + b` with one matmul
+  (or `y = x ΔWᵀ` when no base weight is given, for bases that run their own matmul);
+- backward: rebuilds `W_eff` for `∂L/∂x = g W_eff`, and with `G = s · (gᵀ x) ⊙ M` (in the same buffer) gives
+  `∂L/∂B = G Aᵀ` and `∂L/∂A = Bᵀ G`. It saves only `x`, `A`, `B` (and references to `W` and the packed mask).
 
-So a step costs LoRA's matmuls plus one weight-sized gradient matmul `gᵀ x` and two rank-`k` products, and keeps no
-weight-sized tensor between forward and backward.
+So a step costs LoRA's matmuls plus one weight-sized gradient matmul `gᵀ x` and four rank-`k` products, and keeps no
+weight-sized tensor between forward and backward. The weight-sized temporaries (the effective weight or `G`, and the
+0/1 mask) live in two scratch buffers that are reused from call to call (`workspace`): on CPU, a fresh weight-sized
+tensor costs more in page faults than the arithmetic done in it.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from .workspace import scratch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
@@ -36,23 +41,27 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
-def _float_mask(packed_mask, in_features, weight, dtype) -> torch.Tensor:
-    """`M` as 0/1 in `dtype` (bool arithmetic is several times slower on CPU). With a dense float `W`, `M` is read
-    from `W` itself (`|sign(W)|`, one pass) instead of unpacking the cached mask: the two agree while the adapter is
-    unmerged, which is when this runs."""
+def _mask_into(out, packed_mask, in_features, weight) -> torch.Tensor:
+    """`M` as 0/1 in `out`'s dtype, written into `out` (bool arithmetic is several times slower on CPU). With a dense
+    float `W`, `M` is read from `W` itself (`W ≠ 0`, one pass) instead of unpacking the cached mask: the two agree
+    while the adapter is unmerged, which is when this runs."""
     if weight is not None:
-        return weight.sign().abs_().to(dtype)
-    shifts = _SHIFTS.to(packed_mask.device)
-    bits = (packed_mask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed_mask.shape[0], -1)[:, :in_features].to(dtype)
+        return torch.ne(weight, 0, out=out)
+    return out.copy_(unpack_mask(packed_mask, in_features))
 
 
-def _effective(weight_a, weight_b, scaling, mask, weight):
-    """`W + s · (B A) ⊙ M` (or `s · (B A) ⊙ M` without `W`), in the dtype of `weight_a`."""
-    delta = (weight_b * scaling) @ weight_a  # the scaling on the small factor: no extra weight-sized pass
+def _effective_into(out, mask, weight_a, weight_b, scaling, weight) -> torch.Tensor:
+    """`W + s · (B A) ⊙ M` (or `s · (B A) ⊙ M` without `W`) written into `out` (out × in, dtype of `weight_a`)."""
+    torch.mm(weight_b * scaling, weight_a, out=out)  # the scaling on the small factor: no extra weight-sized pass
     if weight is None:
-        return delta.mul_(mask)
-    return torch.addcmul(weight.to(delta.dtype), delta, mask)
+        return out.mul_(mask)
+    return torch.addcmul(weight, out, mask, out=out)
+
+
+def _scratch_pair(weight_a, weight_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (out × in) temporaries in the dtype of the factors: the effective weight (or `G`) and the mask."""
+    shape = (weight_b.shape[0], weight_a.shape[1])
+    return tuple(scratch(shape, weight_a.dtype, weight_a.device, slot) for slot in (0, 1))
 
 
 class MaskedLowRankLinear(torch.autograd.Function):
@@ -60,15 +69,15 @@ class MaskedLowRankLinear(torch.autograd.Function):
 
     `weight` (dense, float, with the zero pattern of the mask) and `bias` are frozen (no gradient). `weight_a`
     (k × in) and `weight_b` (out × k) may be slices of larger factors; their gradients flow back into those. All
-    math runs in the dtype of `weight_a`."""
+    math runs in the dtype of `weight_a`. The weight-sized temporaries live in reused scratch buffers (see
+    `workspace`) and none is kept between forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, packed_mask, in_features, scaling, weight=None, bias=None):
-        mask = _float_mask(packed_mask, in_features, weight, weight_a.dtype)
-        effective = _effective(weight_a, weight_b, scaling, mask, weight)
-        del mask
+        effective, mask = _scratch_pair(weight_a, weight_b)
+        _mask_into(mask, packed_mask, in_features, weight)
+        _effective_into(effective, mask, weight_a, weight_b, scaling, weight)
         out = x.to(effective.dtype) @ effective.T
-        del effective
         if bias is not None:
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(x, weight_a, weight_b, packed_mask, weight)
@@ -76,20 +85,21 @@ class MaskedLowRankLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight_a, weight_b, packed_mask, weight = ctx.saved_tensors
-        scaling, dtype = ctx.scaling, weight_a.dtype
-        grad_out = grad_out.to(dtype)
+        scaling = ctx.scaling
+        grad_out = grad_out.to(weight_a.dtype)
         grad_x = grad_a = grad_b = None
-        mask = _float_mask(packed_mask, ctx.in_features, weight, dtype)
+        work, mask = _scratch_pair(weight_a, weight_b)
+        _mask_into(mask, packed_mask, ctx.in_features, weight)
         if ctx.needs_input_grad[0]:
-            effective = _effective(weight_a, weight_b, scaling, mask, weight)
-            grad_x = (grad_out @ effective).to(x.dtype)
-            del effective
+            _effective_into(work, mask, weight_a, weight_b, scaling, weight)
+            grad_x = (grad_out @ work).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-            flat_x = x.reshape(-1, x.shape[-1]).to(dtype)
-            grad_delta = (flat_grad.T @ flat_x).mul_(mask)  # (out × in), masked; the scaling goes on the factors
+            flat_x = x.reshape(-1, x.shape[-1]).to(weight_a.dtype)
+            grad_delta = torch.mm(flat_grad.T, flat_x, out=work).mul_(mask)  # (out × in); the scaling on the factors
             if ctx.needs_input_grad[1]:
                 grad_a = (weight_b * scaling).T @ grad_delta
             if ctx.needs_input_grad[2]:
