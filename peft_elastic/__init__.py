@@ -7,6 +7,7 @@ checkpoint.
 
 from ._registry import register_tuner
 from .export import export_sub_adapter, sub_adapter_state
+from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
 from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
 from .subnetwork import (
     get_subnetwork,
@@ -34,18 +35,21 @@ __all__ = [
     "ElasticLoraConfig",
     "ElasticLoraModel",
     "NLSConfig",
+    "QuantizationReport",
     "SparsePEFTConfig",
     "SparsePEFTModel",
     "SparsityReport",
     "export_sub_adapter",
     "get_subnetwork",
     "heuristic_subnetwork",
+    "load_sparsity_mask",
     "maximal_subnetwork",
     "measure_sparsity",
     "minimal_subnetwork",
     "module_ranks",
     "num_adapter_parameters",
     "parameters_per_rank",
+    "quantize_gptq",
     "sample_subnetwork",
     "save_sparsified",
     "search_space",
