@@ -23,9 +23,7 @@ def restore_4bit_layout(weight: nn.Parameter) -> None:
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    rows = state.shape[0]
     absmax = state.absmax.T.reshape(-1).float()  # (in / blocksize, out) -> the (out * in / blocksize) block order
-    assert absmax.numel() % rows == 0
     weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
     state.absmax = absmax
     weight.quant_state = state

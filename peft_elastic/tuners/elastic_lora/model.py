@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .layer import Linear
 from .space import rank_groups
@@ -79,10 +80,7 @@ class ElasticLoraModel(LoraModel):
 
     def _prepare_model(self, peft_config: ElasticLoraConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)
-        if any(hasattr(module, "support_avx512bf16_for_cpu") for module in model.modules()):  # bitsandbytes 4-bit
-            from .bnb import disable_4bit_cpu_relayout
-
-            disable_4bit_cpu_relayout(model)
+        disable_4bit_cpu_relayout(model)  # a no-op without bitsandbytes 4-bit layers
 
     def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
