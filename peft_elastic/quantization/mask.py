@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..tuners.sparse_peft.function import pack_mask, unpack_mask
+from .packing import pack_mask, unpack_mask
 
 MASK_FILE = "sparsity_mask.safetensors"
 _FORMAT = "peft_elastic.sparsity_mask.v1"

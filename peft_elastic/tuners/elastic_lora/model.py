@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
@@ -11,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...quantization.layers import is_gptq_layer, pin_standard_layout, save_in_checkpoint_format
 from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .layer import Linear
@@ -34,10 +34,7 @@ def _elastic_class(base_layer: nn.Module) -> type | None:
 
         if isinstance(base_layer, bnb.nn.Linear4bit):
             return Linear4bit
-    # A model with GPTQ layers has imported gptqmodel already; importing it otherwise would only cost time and
-    # change process-wide settings (gptqmodel sets environment variables on import).
-    gptq_qlinear = sys.modules.get("gptqmodel.nn_modules.qlinear")
-    if gptq_qlinear is not None and isinstance(base_layer, gptq_qlinear.BaseQuantLinear):
+    if is_gptq_layer(base_layer):
         from .gptq import GPTQLinear
 
         return GPTQLinear
@@ -80,7 +77,12 @@ class ElasticLoraModel(LoraModel):
 
     def _prepare_model(self, peft_config: ElasticLoraConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)
-        disable_4bit_cpu_relayout(model)  # a no-op without bitsandbytes 4-bit layers
+        # Quantized bases stay in the layouts that pass gradients, merge and save correctly (no-ops without them).
+        disable_4bit_cpu_relayout(model)
+        for module in model.modules():
+            if is_gptq_layer(module):
+                pin_standard_layout(module)
+        save_in_checkpoint_format(model)
 
     def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)

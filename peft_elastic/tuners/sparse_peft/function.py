@@ -20,25 +20,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ...quantization.packing import unpack_mask
 from .workspace import scratch
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool (out × in) mask as uint8 (out × ceil(in / 8)): bit `j % 8` of byte `j // 8` is `mask[:, j]`."""
-    rows, cols = mask.shape
-    padded = torch.zeros(rows, (cols + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :cols] = mask.to(torch.uint8)
-    shifts = _SHIFTS.to(mask.device)
-    return (padded.reshape(rows, -1, 8) << shifts).sum(dim=-1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """The bool (out × cols) mask that `pack_mask` packed."""
-    shifts = _SHIFTS.to(packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
 def _mask_into(out, packed_mask, in_features, weight) -> torch.Tensor:

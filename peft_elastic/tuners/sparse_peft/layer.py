@@ -16,9 +16,10 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...quantization.packing import pack_mask, unpack_mask
 from ..elastic_lora.layer import ElasticLoraLayer
 from ..elastic_lora.layer import Linear as ElasticLinear
-from .function import masked_low_rank_linear, pack_mask, unpack_mask
+from .function import masked_low_rank_linear
 
 
 def dense_weight(base_layer: nn.Module) -> torch.Tensor:
@@ -43,7 +44,7 @@ class SparsePEFTLayer(ElasticLoraLayer):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         if getattr(self, "sparse_mask", None) is None:
             with torch.no_grad():
-                mask = dense_weight(self.get_base_layer()) != 0
+                mask = self.base_mask()
             self.sparse_in_features = mask.shape[1]
             self.register_buffer("sparse_mask", pack_mask(mask), persistent=False)
             if bool(mask.all()):
@@ -53,6 +54,10 @@ class SparsePEFTLayer(ElasticLoraLayer):
                     "first (peft_elastic.sparsify).",
                     stacklevel=2,
                 )
+
+    def base_mask(self) -> torch.Tensor:
+        """The bool (out × in) mask of the base weights to keep: `W ≠ 0` of the (dequantized) base weight."""
+        return dense_weight(self.get_base_layer()) != 0
 
     # --------------------------------------------------------------------------------------------------- math
 
