@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from gptq_fixtures import quantized, tokenizer  # noqa: F401  (session fixtures of the GPTQ tests)
 
 import peft_elastic  # noqa: F401  (registers the tuner types)
 from peft_elastic.toy import tiny_llama

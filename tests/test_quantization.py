@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
+from gptq_fixtures import CALIBRATION, load_gptq, sparse_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPTQConfig
 
 import peft_elastic
 from peft_elastic.quantization import (
@@ -27,48 +27,6 @@ from peft_elastic.quantization import (
     unpack_rows,
     zero_points,
 )
-from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
-
-WIDE = {"hidden_size": 128, "intermediate_size": 256}
-TEXTS = [p["prompt"] + p["completion"] for p in arithmetic_problems(64, seed=1)]
-CALIBRATION = [" ".join(TEXTS[i : i + 8]) for i in range(0, len(TEXTS), 8)]
-
-
-def sparse_model():
-    model = tiny_llama(**WIDE)
-    peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(TEXTS, vocab_size=96)
-
-
-@pytest.fixture(scope="module")
-def quantized(tokenizer, tmp_path_factory):
-    """`{(bits, desc_act): (checkpoint folder, report)}`, made lazily from the same 50 %-sparse float model."""
-    made = {}
-
-    def make(bits: int, desc_act: bool):
-        if (bits, desc_act) not in made:
-            path = tmp_path_factory.mktemp(f"gptq{bits}{'act' if desc_act else ''}") / "int"
-            report = peft_elastic.quantize_gptq(
-                sparse_model(), path, CALIBRATION, bits=bits, group_size=32, desc_act=desc_act, tokenizer=tokenizer
-            )
-            made[bits, desc_act] = path, report
-        return made[bits, desc_act]
-
-    return make
-
-
-def load_gptq(path):
-    # gptq_torch: the standard packed layout (the default CPU kernel re-lays out qweight)
-    config = GPTQConfig(bits=json.loads((path / "config.json").read_text())["quantization_config"]["bits"])
-    config.backend = "gptq_torch"
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, dtype=torch.float32, device_map="cpu"
-    )
 
 
 def checkpoint_tensors(path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""A 50 %-sparse tiny Llama quantized with `peft_elastic.quantize_gptq` on CPU, shared by the GPTQ tests (the
+`tokenizer` and `quantized` fixtures are registered in conftest)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTQConfig
+
+import peft_elastic
+from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
+
+WIDE = {"hidden_size": 128, "intermediate_size": 256}
+TEXTS = [p["prompt"] + p["completion"] for p in arithmetic_problems(64, seed=1)]
+CALIBRATION = [" ".join(TEXTS[i : i + 8]) for i in range(0, len(TEXTS), 8)]
+GROUP_SIZE = 32
+
+
+def sparse_model():
+    """The float model that `quantized` quantizes: a tiny Llama (hidden 128), 50 % magnitude-pruned per row."""
+    model = tiny_llama(**WIDE)
+    peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=96)
+
+
+@pytest.fixture(scope="session")
+def quantized(tokenizer, tmp_path_factory):
+    """`quantized(bits, desc_act)` -> (checkpoint folder, report), made once per session from `sparse_model()`."""
+    made = {}
+
+    def make(bits: int = 4, desc_act: bool = False):
+        if (bits, desc_act) not in made:
+            path = tmp_path_factory.mktemp(f"gptq{bits}{'act' if desc_act else ''}") / "int"
+            options = dict(bits=bits, group_size=GROUP_SIZE, desc_act=desc_act, tokenizer=tokenizer)
+            report = peft_elastic.quantize_gptq(sparse_model(), path, CALIBRATION, **options)
+            made[bits, desc_act] = path, report
+        return made[bits, desc_act]
+
+    return make
+
+
+def load_gptq(path, backend: str | None = "gptq_torch", dtype=torch.float32):
+    """The checkpoint loaded by transformers on CPU. `gptq_torch` (TorchLinear) keeps the standard packed layout and
+    computes in float32 here, so comparisons can be exact; `backend=None, dtype=None` is the default user path
+    (TorchAtenLinear, bfloat16)."""
+    kwargs = {"device_map": "cpu"}
+    if backend is not None:
+        bits = json.loads((path / "config.json").read_text())["quantization_config"]["bits"]
+        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=backend)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
