@@ -88,6 +88,15 @@ class ElasticLoraModel(LoraModel):
         super()._post_injection_hook(model, config, adapter_name)
         rank_groups(model, config, adapter_name)  # fails early on inconsistent groups
 
+    def _check_merge_allowed(self) -> None:
+        if getattr(self.model, "quantization_method", None) == "gptq":
+            raise ValueError(
+                "Cannot merge LoRA layers into a gptq quantized model: rounding the adapter's update to the GPTQ grid "
+                "would lose most of it. Keep the adapter unmerged, or train SparsePEFTConfig(..., "
+                "quantization_aware=True) (QA-SparsePEFT), whose merge into the integer weights is exact."
+            )
+        super()._check_merge_allowed()
+
     def add_weighted_adapter(self, *args, **kwargs):
         raise ValueError(
             "add_weighted_adapter is not available for elastic adapters, whose rank changes with the subnetwork. "

@@ -18,7 +18,7 @@ from ...quantization.layers import check_standard_layout, write_codes
 from ...quantization.packing import pack_mask, unpack_mask
 from ..elastic_lora.gptq import GPTQLinear as ElasticGPTQLinear
 from .layer import SparsePEFTLayer
-from .quantized import grid_of, merged_codes, quant_aware_low_rank_linear
+from .quantized import QuantGrid, grid_of, merged_codes, quant_aware_low_rank_linear
 
 
 class GPTQLinear(SparsePEFTLayer, ElasticGPTQLinear):
@@ -60,8 +60,14 @@ class QAGPTQLinear(GPTQLinear):
             check_standard_layout(base)
             self.register_buffer("sparse_mask_t", pack_mask(self.mask().T.contiguous()), persistent=False)
 
-    def _grid(self):
-        return grid_of(self.get_base_layer())
+    def _grid(self) -> QuantGrid:
+        """The base's grid, rebuilt only when its tensors are replaced (a device move, a zero-point format switch)."""
+        base = self.get_base_layer()
+        key = tuple(getattr(base, part).data_ptr() for part in ("qweight", "qzeros", "scales", "g_idx"))
+        cached = self.__dict__.get("_cached_grid")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cached_grid"] = (key, grid_of(base))
+        return cached[1]
 
     def mask_t(self) -> torch.Tensor:
         """`Mᵀ` (in × out, bool), the mask in the GPTQ layout."""
