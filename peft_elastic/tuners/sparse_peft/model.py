@@ -63,8 +63,14 @@ class SparsePEFTModel(ElasticLoraModel):
         if config.sparsity_mask is not None:
             path = Path(config.sparsity_mask)
         else:
+            from transformers.utils import cached_file
+
             folder = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
-            path = Path(folder) / MASK_FILE
+            try:  # a local folder, or a hub model's files (from the cache, or downloaded if online)
+                found = cached_file(folder, MASK_FILE, _raise_exceptions_for_missing_entries=False) if folder else None
+            except OSError:
+                found = None
+            path = Path(found) if found else Path(folder) / MASK_FILE
             if not path.is_file():
                 raise ValueError(
                     "SparsePEFTConfig on a GPTQ base needs the sparsity mask of the float model (GPTQ fills "
