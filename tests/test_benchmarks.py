@@ -89,3 +89,31 @@ def test_sparse_peft_step_quick_run_writes_its_section(tmp_path):
     assert {row[2] for row in cells if row[0][2:] in names and len(row) > 8} == {"11,264"}
     for goal in ("sparse_peft / lora", "sparse_peft / reference", "peak memory sparse_peft / lora"):
         assert f"{goal} = " in text
+
+
+def test_qa_sparse_peft_step_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nKept as it is.\n")
+    args = ["--quick", "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "qa_sparse_peft_step.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    name = "qa_sparse_peft_step_quick_seq32"
+    assert text.startswith(f"# Benchmark results\n\nKept as it is.\n\n<!-- {name}:start -->\n")
+    assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
+    assert f"`python benchmarks/qa_sparse_peft_step.py {' '.join(args)}`" in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    rows = {row[0][2:]: (row[1], row[2], row[3]) for row in cells[1:]}
+    # step_time's quick Llama (2 layers, hidden 64, intermediate 128, 2 KV heads of 16), rank 8 on the 7 projections:
+    # 8192 adapter parameters per layer
+    assert rows == {"lora": ("8", "16,384", "4"), "qa_sparse_peft": ("8", "16,384", "4")}
+    # groups of 32 inputs (the model is narrower than 128); 14 GPTQ layers, 36,864 weights per block; the merge is
+    # exact and writes qweight only
+    assert "GPTQ 4-bit, group size 32, sym=False, desc_act=False: 14 layers, sparsity 50.00%" in text
+    assert "into the 14 GPTQ layers (73,728 weights)" in text
+    assert "per million parameters" in text
+    assert "max |logits(QA-SparsePEFT) - logits(merged)| = 0 on" in text
+    assert "qzeros, scales and g_idx bit-identical after the merge" in text
+    assert "unmerge restored qweight exactly" in text
+    assert "qa_sparse_peft / lora = " in text and ("meets the goal of <= 2.0" in text or "misses the goal" in text)
