@@ -18,9 +18,11 @@ CALIBRATION = [" ".join(TEXTS[i : i + 8]) for i in range(0, len(TEXTS), 8)]
 GROUP_SIZE = 32
 
 
-def sparse_model():
-    """The float model that `quantized` quantizes: a tiny Llama (hidden 128), 50 % magnitude-pruned per row."""
-    model = tiny_llama(**WIDE)
+def sparse_model(hidden: int = 128):
+    """The float model that `quantized` quantizes: a tiny Llama (hidden 128, or `hidden` with twice as wide an MLP),
+    50 % magnitude-pruned per row. With hidden 256, a few groups of 32 hold weights of one sign only: their
+    asymmetric zero-point is 0."""
+    model = tiny_llama(**WIDE) if hidden == 128 else tiny_llama(hidden_size=hidden, intermediate_size=2 * hidden)
     peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
     return model
 
@@ -32,16 +34,18 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def quantized(tokenizer, tmp_path_factory):
-    """`quantized(bits, desc_act)` -> (checkpoint folder, report), made once per session from `sparse_model()`."""
+    """`quantized(bits, desc_act, hidden)` -> (checkpoint folder, report), made once per session from
+    `sparse_model(hidden)` (asymmetric, groups of 32)."""
     made = {}
 
-    def make(bits: int = 4, desc_act: bool = False):
-        if (bits, desc_act) not in made:
-            path = tmp_path_factory.mktemp(f"gptq{bits}{'act' if desc_act else ''}") / "int"
+    def make(bits: int = 4, desc_act: bool = False, hidden: int = 128):
+        key = bits, desc_act, hidden
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"gptq{bits}{'act' if desc_act else ''}h{hidden}") / "int"
             options = dict(bits=bits, group_size=GROUP_SIZE, desc_act=desc_act, tokenizer=tokenizer)
-            report = peft_elastic.quantize_gptq(sparse_model(), path, CALIBRATION, **options)
-            made[bits, desc_act] = path, report
-        return made[bits, desc_act]
+            report = peft_elastic.quantize_gptq(sparse_model(hidden), path, CALIBRATION, **options)
+            made[key] = path, report
+        return made[key]
 
     return make
 

@@ -20,8 +20,8 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_elastic
 from peft_elastic import ElasticLoraConfig, NLSConfig, SparsePEFTConfig
-from peft_elastic.quantization import MASK_FILE, dequantize, load_sparsity_mask, pack_cols
-from peft_elastic.quantization.layers import zeros
+from peft_elastic.quantization import MASK_FILE, dequantize, load_sparsity_mask
+from peft_elastic.quantization.layers import zero_format, zeros
 from peft_elastic.training import SubnetworkSamplingCallback
 from peft_elastic.tuners.sparse_peft.gptq import GPTQLinear, QAGPTQLinear
 
@@ -56,7 +56,7 @@ def gptq_state(model) -> dict[str, tuple[torch.Tensor, ...]]:
 def dense(layer) -> torch.Tensor:
     """The base weight (out × in) in float64, dequantized from the packed tensors."""
     scales = layer.scales.double()
-    return dequantize(layer.qweight, layer.qzeros, scales, layer.g_idx, layer.bits, layer.qzero_format())
+    return dequantize(layer.qweight, layer.qzeros, scales, layer.g_idx, layer.bits, zero_format(layer))
 
 
 def oracle(layer, weight_a, weight_b, scaling, mask):
@@ -88,9 +88,13 @@ def factors(layer, adapter: str = "default"):
 # ------------------------------------------------------------------------------------------- forward and merge
 
 
-@pytest.mark.parametrize("bits, desc_act", [(4, False), (2, False), (8, True), (4, True)])
-def test_qa_forward_merge_and_reload_are_exact(quantized, bits, desc_act, tmp_path):
-    path, _ = quantized(bits, desc_act)
+@pytest.mark.parametrize(
+    "bits, desc_act, hidden", [(4, False, 128), (2, False, 128), (8, True, 128), (4, True, 128), (4, False, 256)]
+)
+def test_qa_forward_merge_and_reload_are_exact(quantized, bits, desc_act, hidden, tmp_path):
+    """hidden 256: zero-points of 0, a "gptq_v2" checkpoint (see test_quantization)."""
+    path, report = quantized(bits, desc_act, hidden)
+    assert report.checkpoint_format == ("gptq_v2" if hidden == 256 else "gptq")
     masks = load_sparsity_mask(path)
     model = get_peft_model(load_gptq(path), qa_config())
     before = gptq_state(model)
@@ -147,7 +151,7 @@ def test_qa_forward_merge_and_reload_are_exact(quantized, bits, desc_act, tmp_pa
     saved = load_file(tmp_path / "merged" / "model.safetensors")
     original = {k: v for f in path.glob("model*.safetensors") for k, v in load_file(f).items()}
     for name in before:
-        assert torch.equal(saved[f"{name}.qzeros"], original[f"{name}.qzeros"]), name  # v1 on disk, as before
+        assert torch.equal(saved[f"{name}.qzeros"], original[f"{name}.qzeros"]), name  # the original's format
         assert torch.equal(saved[f"{name}.scales"], original[f"{name}.scales"]), name
     reloaded = load_gptq(tmp_path / "merged")
     with torch.no_grad():
@@ -214,20 +218,26 @@ def test_straight_through_gradients_match_the_oracle(quantized):
     assert layer.mask().float().mean() == pytest.approx(0.5, abs=0.01), name
 
 
-def test_zero_point_format_is_read_from_the_layer(quantized):
-    path, _ = quantized(4, False)
+@pytest.mark.parametrize("hidden", [128, 256])
+def test_zero_points_are_the_ones_the_kernel_computes_with(quantized, hidden):
+    """v1 and v2 checkpoints: the torch kernels hold v2 in memory (their `qzero_format()` flag stays 1 after loading a
+    v2 checkpoint); QA-SparsePEFT reads the zero-points they compute with. A zero update reproduces the kernel's
+    weight bit for bit."""
+    path, report = quantized(4, False, hidden)
     model = get_peft_model(load_gptq(path), qa_config())
-    randomize_adapters(model, seed=7)
-    layer = next(iter(qa_layers(model).values()))
-    base = layer.get_base_layer()
-    x = torch.randn(2, 4, layer.in_features, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        v2 = layer(x)
-        z = zeros(base)
-        base.qzeros.data = pack_cols(z - 1, base.bits)  # the same zero-points in the v1 format
-        base.qzero_format(format=1)
-        assert torch.equal(zeros(base), z)
-        assert torch.equal(layer(x), v2)
+    for layer in qa_layers(model).values():
+        base = layer.get_base_layer()
+        assert base.qzero_format() == (1 if report.checkpoint_format == "gptq_v2" else 2)
+        assert zero_format(base) == 2
+        x = torch.eye(layer.in_features)  # the rows of the effective weight (in × out)
+        with torch.no_grad():
+            assert torch.equal(layer(x), base.dequantize_weight().float())
+
+    class Flagged:  # a layer whose kernel does not require v2: its flag is the truth
+        def qzero_format(self):
+            return 1
+
+    assert zero_format(Flagged()) == 1
 
 
 # ------------------------------------------------------------------------------------------ the user's flow

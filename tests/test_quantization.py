@@ -109,6 +109,30 @@ def test_quantize_gptq_keeps_every_zero(quantized, bits, desc_act):
     assert error < {2: 1.0, 4: 0.2, 8: 0.02}[bits]
 
 
+def test_a_zero_point_of_zero_gives_a_v2_checkpoint(quantized):
+    """v1 stores z - 1 and cannot hold z = 0 (gptqmodel's own conversion borrows from the neighbouring zero-point):
+    such a model is written as "gptq_v2", which transformers loads through gptqmodel, with every zero kept."""
+    path, report = quantized(4, False, hidden=256)
+    assert report.checkpoint_format == "gptq_v2"
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "gptq_v2"
+    tensors = checkpoint_tensors(path)
+    model = load_gptq(path)
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "qweight")}
+    zero_groups = 0
+    for name, layer in layers.items():
+        saved = [tensors[f"{name}.{part}"] for part in ("qweight", "qzeros", "scales", "g_idx")]
+        zero_groups += int((zero_points(saved[1], 4, layer.scales.shape[1], 2) == 0).sum())
+        assert torch.equal(dequantize(*saved, 4, 2), layer.dequantize_weight().T), name  # v2 on disk and in memory
+    assert zero_groups > 0
+    masks = load_sparsity_mask(path)
+    float_model = sparse_model(hidden=256)
+    for name, mask in masks.items():
+        assert torch.equal(mask, float_model.get_submodule(name).weight != 0)
+        assert bool((layers[name].dequantize_weight().T[~mask] == 0).all()), name
+    # the models with no zero-point of 0 are written as "gptq" (v1), the format every GPTQ reader takes
+    assert quantized(4, False)[1].checkpoint_format == "gptq"
+
+
 def test_quantize_gptq_from_a_checkpoint_folder_with_token_ids(tokenizer, tmp_path):
     source = tmp_path / "sparse"
     peft_elastic.save_sparsified(sparse_model(), source, tokenizer=tokenizer)

@@ -24,7 +24,7 @@ from torch import nn
 from ..io import staged_directory
 from ..sparsity.calibration import calibration_batches
 from .mask import MASK_FILE, save_sparsity_mask
-from .packing import SUPPORTED_BITS, check_bits, pack_rows, unpack_rows, zero_points
+from .packing import SUPPORTED_BITS, check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class QuantizationReport:
     sym: bool
     desc_act: bool
     modules: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    checkpoint_format: str = "gptq"  # "gptq" (v1) unless a zero-point is 0, which only "gptq_v2" can store
 
     @property
     def sparsity(self) -> float:
@@ -56,7 +57,7 @@ class QuantizationReport:
         return (
             f"GPTQ {self.bits}-bit, group size {self.group_size}, sym={self.sym}, desc_act={self.desc_act}: "
             f"{len(self.modules)} layers, sparsity {self.sparsity:.2%}, {self.restored:,} pruned weights that GPTQ "
-            "had filled set back to zero"
+            f"had filled set back to zero; checkpoint format {self.checkpoint_format!r}"
         )
 
 
@@ -114,6 +115,9 @@ def quantize_gptq(
         from gptqmodel import GPTQModel, QuantizeConfig
 
         config = QuantizeConfig(
+            # packed with the zero-points as they are (v2): gptqmodel's conversion to v1 (z - 1) borrows from the
+            # neighbouring zero-point where z = 0; v1 is written below only when it can hold every zero-point
+            format="gptq_v2",
             bits=bits,
             group_size=group_size,
             sym=sym,
@@ -134,6 +138,7 @@ def quantize_gptq(
         report = QuantizationReport(bits, group_size, sym, desc_act)
         for name, layer in layers.items():
             report.modules[name] = _restore_zeros(layer, masks[name])
+        report.checkpoint_format = _choose_checkpoint_format(quantizer, layers)
         kept = {name: mask for name, mask in masks.items() if not bool(mask.all())}
         with staged_directory(save_directory) as staging:
             quantizer.save(str(staging))
@@ -223,20 +228,13 @@ def _read_masks(source, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]
 
 
 def _restore_zeros(layer: nn.Module, mask: torch.Tensor) -> tuple[int, int, int]:
-    """Set the code of every pruned weight (`mask` False) of a gptqmodel layer to its group's zero-point, in place.
-    Returns (pruned, total, how many pruned weights GPTQ had filled)."""
+    """Set the code of every pruned weight (`mask` False) of a gptqmodel layer (packed in the v2 format, `z`) to its
+    group's zero-point, in place. Returns (pruned, total, how many pruned weights GPTQ had filled)."""
     bits, rows = layer.bits, layer.g_idx.shape[0]
     check_bits(bits)
     if mask.shape != (layer.scales.shape[1], rows):
         raise RuntimeError(f"mask {tuple(mask.shape)} does not fit the layer ({layer.scales.shape[1]} × {rows})")
-    zero_format = layer.qzero_format() if hasattr(layer, "qzero_format") else 1
-    zeros = zero_points(layer.qzeros, bits, layer.scales.shape[1], zero_format)  # (groups, out)
-    maxq = (1 << bits) - 1
-    if int(zeros.max()) > maxq or int(zeros.min()) < 0:
-        raise RuntimeError(
-            f"A zero-point of this layer is {int(zeros.max())}, outside the {bits}-bit codes [0, {maxq}] (gptqmodel's "
-            "v1 format stores z - 1); quantize with sym=True or another group size."
-        )
+    zeros = zero_points(layer.qzeros, bits, layer.scales.shape[1], 2)  # (groups, out)
     codes = unpack_rows(layer.qweight, bits, rows)  # (in, out)
     pruned = ~mask.T.to(codes.device)
     target = zeros[layer.g_idx.long()]  # (in, out): the zero-point of each weight's group
@@ -245,6 +243,21 @@ def _restore_zeros(layer: nn.Module, mask: torch.Tensor) -> tuple[int, int, int]
         codes = torch.where(pruned, target, codes)
         layer.qweight.data.copy_(pack_rows(codes, bits)[: layer.qweight.shape[0]])
     return int(pruned.sum()), mask.numel(), filled
+
+
+def _choose_checkpoint_format(quantizer, layers: dict[str, nn.Module]) -> str:
+    """Write "gptq" (v1, `z − 1`: the format every GPTQ reader takes) when every zero-point is at least 1, converting
+    the layers' `qzeros` in place; else keep "gptq_v2" (`z`; transformers loads it through gptqmodel), since v1
+    cannot store a zero-point of 0 (asymmetric groups whose weights are all of one sign, frequent in sparse models)."""
+    from gptqmodel.quantization import FORMAT
+
+    zeros = {name: zero_points(layer.qzeros, layer.bits, layer.scales.shape[1], 2) for name, layer in layers.items()}
+    if any(int(z.min()) < 1 for z in zeros.values()):
+        return "gptq_v2"
+    for name, layer in layers.items():
+        layer.qzeros.data.copy_(pack_cols(zeros[name] - 1, layer.bits))
+    quantizer.quantize_config.format = FORMAT.GPTQ
+    return "gptq"
 
 
 def _verify_saved_zeros(directory: Path, masks: dict[str, torch.Tensor], bits: int) -> None:

@@ -7,9 +7,10 @@ re-lays out `qweight` for an int4 inference kernel (bf16 scales, float zero offs
 which neither gradients to the input nor a merge are possible. `pin_standard_layout` keeps it in the standard
 layout. `TorchLinear` (`backend="gptq_torch"`) always does.
 
-The torch kernels hold the zero-points in format v2 (`z`) in memory, while a "gptq" checkpoint stores v1
-(`z − 1`); transformers' `save_pretrained` writes the in-memory tensors under the v1 label, which shifts every
-zero-point by one on reload. `save_in_checkpoint_format` makes the layers' state dicts use the checkpoint's format.
+The torch kernels hold the zero-points in format v2 (`z`) in memory (see `zero_format`), while a "gptq" checkpoint
+stores v1 (`z − 1`); transformers' `save_pretrained` writes the in-memory tensors under the v1 label, which shifts
+every zero-point by one on reload. `save_in_checkpoint_format` makes the layers' state dicts use the checkpoint's
+format.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def is_gptq_layer(module: nn.Module) -> bool:
 
 
 def zero_format(layer: nn.Module) -> int:
-    """The zero-point format of `layer`'s `qzeros` in memory: 1 (v1, `z − 1`) or 2 (v2, `z`)."""
+    """The zero-point format of `layer`'s `qzeros` in memory: 1 (v1, `z − 1`) or 2 (v2, `z`).
+
+    Kernels that compute with v2 (`REQUIRES_FORMAT_V2`: the torch kernels) hold v2 — gptqmodel's loader converts a v1
+    checkpoint for them and keeps a v2 one as it is — and their own dequantization reads `qzeros` as v2 whatever
+    their `qzero_format()` flag says (it stays 1 after loading a v2 checkpoint). For other layers, the flag."""
+    if getattr(type(layer), "REQUIRES_FORMAT_V2", False):
+        return 2
     return layer.qzero_format() if hasattr(layer, "qzero_format") else 1
 
 
