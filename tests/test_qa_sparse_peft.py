@@ -233,6 +233,17 @@ def test_zero_points_are_the_ones_the_kernel_computes_with(quantized, hidden):
         with torch.no_grad():
             assert torch.equal(layer(x), base.dequantize_weight().float())
 
+    # the cached grid follows the base's tensors when they are written in place (load_state_dict)
+    layer = next(iter(qa_layers(model).values()))
+    base = layer.get_base_layer()
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        before = layer(x)
+        state = {key: value.clone() for key, value in base.state_dict().items()}
+        state["scales"] = state["scales"] * 2
+        base.load_state_dict(state)
+        torch.testing.assert_close(layer(x), before * 2, rtol=1e-3, atol=1e-5)
+
     class Flagged:  # a layer whose kernel does not require v2: its flag is the truth
         def qzero_format(self):
             return 1

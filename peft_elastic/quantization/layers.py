@@ -97,28 +97,41 @@ def checkpoint_zero_format(model: nn.Module) -> int:
 
 
 def save_in_checkpoint_format(model: nn.Module) -> None:
-    """Make every GPTQ layer of `model` put its `qzeros` into its state dict in the format the model's config
-    declares (so `save_pretrained` writes a checkpoint that reloads to the same weights). Idempotent."""
+    """Make every GPTQ layer of `model` hold its `qzeros` in its state dict in the format the model's config declares,
+    both ways: `state_dict()` (and so `save_pretrained`) writes that format, so the checkpoint reloads to the same
+    weights, and `load_state_dict` reads it. Idempotent."""
     target = checkpoint_zero_format(model)
     for name, layer in model.named_modules():
-        if is_gptq_layer(layer) and not getattr(layer, "_peft_elastic_format_hook", False):
-            layer.register_state_dict_post_hook(_qzeros_hook(name, target))
-            layer._peft_elastic_format_hook = True
+        if is_gptq_layer(layer) and not getattr(layer, "_peft_elastic_format_hooks", False):
+            layer.register_state_dict_post_hook(_saving_hook(name, target))
+            layer.register_load_state_dict_pre_hook(_loading_hook(target))
+            layer._peft_elastic_format_hooks = True
 
 
-def _qzeros_hook(name: str, target: int):
+def _convert_qzeros(layer: nn.Module, qzeros: torch.Tensor, source: int, target: int, name: str = "") -> torch.Tensor:
+    z = zero_points(qzeros, layer.bits, layer.scales.shape[1], source)
+    if target == 1 and int(z.min()) < 1:
+        raise ValueError(
+            f"GPTQ layer {name!r} has a zero-point of 0, which the 'gptq' (v1) checkpoint format cannot store (it "
+            "stores z - 1). Set model.config.quantization_config.format = 'gptq_v2' before saving, to write a v2 "
+            "checkpoint (transformers loads it through gptqmodel)."
+        )
+    return pack_cols(z - 1 if target == 1 else z, layer.bits).to(qzeros.device)
+
+
+def _saving_hook(name: str, target: int):
     def hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-        key = prefix + "qzeros"
-        current = zero_format(layer)
-        if key not in state_dict or current == target:
-            return
-        z = zero_points(state_dict[key], layer.bits, layer.scales.shape[1], current)
-        if target == 1 and int(z.min()) < 1:
-            raise ValueError(
-                f"GPTQ layer {name!r} has a zero-point of 0, which the 'gptq' (v1) checkpoint format cannot store "
-                "(it stores z - 1). Set model.config.quantization_config.format = 'gptq_v2' (or checkpoint_format) "
-                "before saving, to write a v2 checkpoint that gptqmodel loads."
-            )
-        state_dict[key] = pack_cols(z - 1 if target == 1 else z, layer.bits).to(state_dict[key].device)
+        key, current = prefix + "qzeros", zero_format(layer)
+        if key in state_dict and current != target:
+            state_dict[key] = _convert_qzeros(layer, state_dict[key], current, target, name)
+
+    return hook
+
+
+def _loading_hook(source: int):
+    def hook(layer: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        key, current = prefix + "qzeros", zero_format(layer)
+        if key in state_dict and current != source:
+            state_dict[key] = _convert_qzeros(layer, state_dict[key], source, current)
 
     return hook

@@ -61,9 +61,10 @@ class QAGPTQLinear(GPTQLinear):
             self.register_buffer("sparse_mask_t", pack_mask(self.mask().T.contiguous()), persistent=False)
 
     def _grid(self) -> QuantGrid:
-        """The base's grid, rebuilt only when its tensors are replaced (a device move, a zero-point format switch)."""
+        """The base's grid, rebuilt when one of its tensors is replaced (a device move) or written in place
+        (`load_state_dict`): the key holds each tensor's address and version counter."""
         base = self.get_base_layer()
-        key = tuple(getattr(base, part).data_ptr() for part in ("qweight", "qzeros", "scales", "g_idx"))
+        key = tuple((t.data_ptr(), t._version) for t in (base.qweight, base.qzeros, base.scales, base.g_idx))
         cached = self.__dict__.get("_cached_grid")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_cached_grid"] = (key, grid_of(base))
