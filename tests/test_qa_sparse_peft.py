@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from gptq_fixtures import TEXTS, load_gptq
+from gptq_fixtures import CALIBRATION, TEXTS, load_gptq, sparse_model
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -254,9 +254,12 @@ def test_zero_points_are_the_ones_the_kernel_computes_with(quantized, hidden):
 # ------------------------------------------------------------------------------------------ the user's flow
 
 
-def test_user_flow_verbatim_on_the_default_cpu_kernel(quantized, tmp_path):
-    """The issue's flow: default `from_pretrained` (TorchAtenLinear, bfloat16), train, merge, save, reload."""
-    path, _ = quantized(4, False)
+def test_user_flow_verbatim_on_the_default_cpu_kernel(tokenizer, tmp_path):
+    """The issue's flow: quantize a sparse checkpoint folder (groups of 128), default `from_pretrained`
+    (TorchAtenLinear, bfloat16), train, merge, save, reload."""
+    source, path, calibration_data = tmp_path / "sparse-model-dir", tmp_path / "int4-dir", CALIBRATION
+    peft_elastic.save_sparsified(sparse_model(), source, tokenizer=tokenizer)
+    peft_elastic.quantize_gptq(source, path, calibration_data, bits=4, group_size=128, sym=False)
     qmodel = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
     assert type(qmodel.model.layers[0].mlp.up_proj).__name__ == "TorchAtenLinear"
     config = SparsePEFTConfig(r=16, lora_alpha=32, target_modules=TARGETS, quantization_aware=True)
