@@ -36,7 +36,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from sparse_peft_step import MAX_SEQ_LEN, MODELS, ROUNDS, SEQ_LEN, SPARSITY, batch, sparse_base
+from sparse_peft_step import MODELS, ROUNDS, SPARSITY, base_parser, batch, resolved_shape, sparse_base
 from step_time import (
     QUICK,
     RESULTS,
@@ -258,23 +258,14 @@ def _gptqmodel_version() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke run")
-    parser.add_argument("--results", type=Path, default=None, help="Markdown file to write the section to")
-    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {SEQ_LEN}; batch 4)")
-    parser.add_argument(
-        "--model", choices=sorted(MODELS), default="tiny", help="model shape (default: tiny; ignored with --quick)"
-    )
+    parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default: {ROUNDS}, 4 with --quick)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    seq_len = args.seq_len if args.seq_len is not None else (QUICK.seq_len if args.quick else SEQ_LEN)
-    if not 2 <= seq_len <= MAX_SEQ_LEN:
-        raise SystemExit(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (the toy models' positions), got {seq_len}")
-    model = "quick" if args.quick else args.model
+    model, seq_len = resolved_shape(args)
     rounds = args.rounds if args.rounds is not None else (4 if args.quick else ROUNDS[model])
     if rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {rounds}")

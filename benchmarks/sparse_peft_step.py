@@ -257,24 +257,35 @@ def section(model: str, setup: Setup, rows, memory, saved, seconds: float, loss:
 """
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with the others built on its model shapes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke run")
     parser.add_argument("--results", type=Path, default=None, help="Markdown file to write the section to")
     parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default: {SEQ_LEN}; batch 4)")
     parser.add_argument(
         "--model", choices=sorted(MODELS), default="tiny", help="model shape (default: tiny; ignored with --quick)"
     )
+    return parser
+
+
+def resolved_shape(args: argparse.Namespace) -> tuple[str, int]:
+    """The model shape ("quick" with --quick) and the checked sequence length of parsed `base_parser` options."""
+    seq_len = args.seq_len if args.seq_len is not None else (QUICK.seq_len if args.quick else SEQ_LEN)
+    if not 2 <= seq_len <= MAX_SEQ_LEN:
+        raise SystemExit(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (the toy models' positions), got {seq_len}")
+    return ("quick" if args.quick else args.model), seq_len
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    seq_len = args.seq_len if args.seq_len is not None else (QUICK.seq_len if args.quick else SEQ_LEN)
-    if not 2 <= seq_len <= MAX_SEQ_LEN:
-        raise SystemExit(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (the toy models' positions), got {seq_len}")
-    model = "quick" if args.quick else args.model
+    model, seq_len = resolved_shape(args)
     setup = dataclasses.replace(
         QUICK if args.quick else MODELS[model], rounds=4 if args.quick else ROUNDS[model], steps=1, seq_len=seq_len
     )

@@ -80,6 +80,19 @@ def qa_layers(model) -> dict[str, QAGPTQLinear]:
     return {n.removeprefix("base_model.model."): m for n, m in found.items()}
 
 
+def train_steps(model, input_ids, steps: int, lr: float = 2e-2) -> list[float]:
+    """`steps` AdamW steps on the causal LM loss of `input_ids`; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def factors(layer, adapter: str = "default"):
     k = layer.active_rank(adapter)
     return layer.lora_A[adapter].weight[:k], layer.lora_B[adapter].weight[:, :k]
@@ -271,14 +284,7 @@ def test_user_flow_verbatim_on_the_default_cpu_kernel(tokenizer, tmp_path):
         model(input_ids)
     assert {m.linear_mode for m in model.modules() if type(m).__name__ == "TorchAtenLinear"} == {"train"}
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, input_ids, 6)
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():
@@ -372,14 +378,7 @@ def test_fp_adapters_train_and_reload_on_the_default_int4_base(quantized, kind, 
     }[kind]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, device_map="cpu"), config)
     input_ids = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(12))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, input_ids, 5)
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path / "adapter")
     fresh = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
