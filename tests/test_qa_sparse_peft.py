@@ -205,6 +205,15 @@ def test_unmerge_restores_the_codes_and_merge_follows_the_active_rank(quantized)
         peft_elastic.set_subnetwork(model, peft_elastic.maximal_subnetwork(model))
     model.unmerge_adapter()
     assert all(all(torch.equal(a, b) for a, b in zip(before[n], v, strict=True)) for n, v in gptq_state(model).items())
+    # disabling a merged adapter unmerges it, as for LoRA: the base model's outputs
+    input_ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(input_ids).logits
+        model.merge_adapter()
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids).logits, base_logits)
+    assert all(all(torch.equal(a, b) for a, b in zip(before[n], v, strict=True)) for n, v in gptq_state(model).items())
 
 
 def test_straight_through_gradients_match_the_oracle(quantized):

@@ -77,6 +77,8 @@ class QAGPTQLinear(GPTQLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
         adapters = [a for a in self.active_adapters if a in self.lora_A]
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # as LoRA layers do: the base model without the adapter
         if self.disable_adapters or self.merged or not adapters:
             return base(x, *args, **kwargs)
         if len(adapters) > 1 or kwargs.get("adapter_names") is not None:
