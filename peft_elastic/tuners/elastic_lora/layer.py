@@ -36,8 +36,10 @@ class LoraA(nn.Linear):
         module.active_rank = linear.out_features
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., k)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., i) -> (..., k), i <= in: a narrower input (Mode B)
         weight = self.weight if self.active_rank == self.out_features else self.weight[: self.active_rank]
+        if x.shape[-1] != self.in_features:
+            weight = weight[:, : x.shape[-1]]
         return F.linear(x, weight)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -115,4 +117,54 @@ class ElasticLoraLayer(LoraLayer):
 
 
 class Linear(ElasticLoraLayer, LoraLinear):
-    """Elastic LoRA on `torch.nn.Linear` and transformers' `Conv1D` (with `fan_in_fan_out`)."""
+    """Elastic LoRA on `torch.nn.Linear` and transformers' `Conv1D` (with `fan_in_fan_out`).
+
+    Widths (Mode B, LoNAS): with `set_active_out_features(o)` the layer computes only its first `o` outputs, with
+    `W[:o]`, `b[:o]` and `B[:o]`; given an input narrower than `in_features` (the output of a narrowed layer) it uses
+    the first columns of `W` and `A` to match. Both are views of the full weights, so every width shares them, and a
+    merge (of the full matrices) serves every width."""
+
+    active_out_features: int | None = None  # None: all outputs
+
+    def set_active_out_features(self, out_features: int | None) -> None:
+        """Compute only the first `out_features` outputs from now on (None: all)."""
+        full = self.get_base_layer().out_features if isinstance(self.get_base_layer(), nn.Linear) else None
+        if out_features is not None:
+            if full is None:
+                raise ValueError(
+                    f"Elastic widths slice torch.nn.Linear bases; this layer's base is a "
+                    f"{type(self.get_base_layer()).__name__}."
+                )
+            if isinstance(out_features, bool) or not isinstance(out_features, int) or not 0 < out_features <= full:
+                raise ValueError(f"out_features={out_features!r} is outside 1..{full} for this layer.")
+        self.active_out_features = None if out_features == full else out_features
+
+    def _narrowed(self, x: torch.Tensor) -> bool:
+        return self.active_out_features is not None or x.shape[-1] != self.in_features
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._narrowed(x):
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear) or args or kwargs:
+            raise ValueError(
+                f"Elastic widths slice torch.nn.Linear bases called with one input; got a {type(base).__name__} "
+                f"with an input of width {x.shape[-1]} (of {self.in_features})."
+            )
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        out_width, in_width = self.active_out_features or self.out_features, x.shape[-1]
+        bias = None if base.bias is None else base.bias[:out_width]
+        result = F.linear(x, base.weight[:out_width, :in_width], bias)
+        if self.disable_adapters or self.merged:
+            return result
+        dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            h = lora_a(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_a.weight.dtype)))  # (..., k)
+            weight_b = lora_b.weight[:out_width, : h.shape[-1]]
+            bias_b = None if lora_b.bias is None else lora_b.bias[:out_width]
+            result = result + F.linear(h, weight_b, bias_b).to(dtype) * self.scaling[adapter]
+        return result
