@@ -58,8 +58,8 @@ def test_narrowed_mlp_equals_the_dense_model_with_the_channels_removed(input_ids
             module.set_active_rank("default", k)
     mlp = model.base_model.model.model.layers[0].mlp
     width = 40  # of 128 intermediate channels
-    mlp.gate_proj.set_active_out_features(width)
-    mlp.up_proj.set_active_out_features(width)
+    mlp.gate_proj.set_active_out_features("default", width)
+    mlp.up_proj.set_active_out_features("default", width)
     captured = {}
 
     def record(module, args):
@@ -82,9 +82,9 @@ def test_narrowed_mlp_equals_the_dense_model_with_the_channels_removed(input_ids
     assert a_up[k:].abs().sum() == 0
 
     # back to full width: the model is the plain elastic one again
-    mlp.gate_proj.set_active_out_features(None)
-    mlp.up_proj.set_active_out_features(128)
-    assert mlp.up_proj.active_out_features is None
+    mlp.gate_proj.set_active_out_features("default", None)
+    mlp.up_proj.set_active_out_features("default", 128)
+    assert mlp.up_proj.lora_A["default"].active_out is None and mlp.up_proj.active_out_features("default") == 128
     with torch.no_grad():
         full = model(input_ids).logits
         torch.testing.assert_close(full, physically_sliced(model, 0, 128, k)(input_ids).logits, rtol=1e-5, atol=1e-5)
@@ -93,8 +93,8 @@ def test_narrowed_mlp_equals_the_dense_model_with_the_channels_removed(input_ids
 def test_merge_serves_every_width(input_ids):
     model = elastic_mlp()
     up = model.base_model.model.model.layers[0].mlp
-    up.gate_proj.set_active_out_features(64)
-    up.up_proj.set_active_out_features(64)
+    up.gate_proj.set_active_out_features("default", 64)
+    up.up_proj.set_active_out_features("default", 64)
     with torch.no_grad():
         unmerged = model(input_ids).logits
         model.merge_adapter()
@@ -110,4 +110,4 @@ def test_width_errors():
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     for bad in (0, 129, 2.5, True):
         with pytest.raises(ValueError, match=r"is outside 1\.\.128 for this layer"):
-            layer.set_active_out_features(bad)
+            layer.set_active_out_features("default", bad)

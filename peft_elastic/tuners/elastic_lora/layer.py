@@ -22,11 +22,13 @@ from torch import nn
 class LoraA(nn.Linear):
     """LoRA's down-projection `A` (weight r × in) whose forward uses only the first `active_rank` rows.
 
-    The active rank is saved with the adapter weights (as the module's extra state), so a reloaded super-adapter
+    It also holds the adapter's active output width of its layer (`active_out`, Mode B; None: all outputs), which the
+    layer reads. Both are saved with the adapter weights (as the module's extra state), so a reloaded super-adapter
     comes back with the subnetwork it was saved with.
     """
 
     active_rank: int
+    active_out: int | None = None
 
     @classmethod
     def sharing(cls, linear: nn.Linear) -> LoraA:
@@ -43,13 +45,17 @@ class LoraA(nn.Linear):
         return F.linear(x, weight)
 
     def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor(self.active_rank, dtype=torch.int64)
+        """The active rank (a scalar), or `[rank, output width]` when the layer is narrowed."""
+        if self.active_out is None:
+            return torch.tensor(self.active_rank, dtype=torch.int64)
+        return torch.tensor([self.active_rank, self.active_out], dtype=torch.int64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        rank = int(state)
-        if not 0 < rank <= self.out_features:
-            raise ValueError(f"Saved active rank {rank} does not fit a LoRA A factor of rank {self.out_features}.")
-        self.active_rank = rank
+        values = [int(v) for v in torch.as_tensor(state).reshape(-1)]
+        if not 1 <= len(values) <= 2 or not 0 < values[0] <= self.out_features:
+            raise ValueError(f"Saved state {values} does not fit a LoRA A factor of rank {self.out_features}.")
+        self.active_rank = values[0]
+        self.active_out = values[1] if len(values) == 2 else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, active_rank={self.active_rank}"
@@ -119,41 +125,57 @@ class ElasticLoraLayer(LoraLayer):
 class Linear(ElasticLoraLayer, LoraLinear):
     """Elastic LoRA on `torch.nn.Linear` and transformers' `Conv1D` (with `fan_in_fan_out`).
 
-    Widths (Mode B, LoNAS): with `set_active_out_features(o)` the layer computes only its first `o` outputs, with
-    `W[:o]`, `b[:o]` and `B[:o]`; given an input narrower than `in_features` (the output of a narrowed layer) it uses
-    the first columns of `W` and `A` to match. Both are views of the full weights, so every width shares them, and a
-    merge (of the full matrices) serves every width."""
+    Widths (Mode B, LoNAS): with `set_active_out_features(adapter, o)` the layer computes only its first `o` outputs
+    while that adapter is active, with `W[:o]`, `b[:o]` and `B[:o]`; given an input narrower than `in_features` (the
+    output of a narrowed layer) it uses the first columns of `W` and `A` to match. Both are views of the full
+    weights, so every width shares them, and a merge (of the full matrices) serves every width. With the adapters
+    disabled the layer is the full base layer."""
 
-    active_out_features: int | None = None  # None: all outputs
+    def active_out_features(self, adapter_name: str) -> int:
+        """The number of outputs `adapter_name`'s subnetwork computes (all of them unless narrowed)."""
+        return self.lora_A[adapter_name].active_out or self.out_features
 
-    def set_active_out_features(self, out_features: int | None) -> None:
-        """Compute only the first `out_features` outputs from now on (None: all)."""
-        full = self.get_base_layer().out_features if isinstance(self.get_base_layer(), nn.Linear) else None
+    def set_active_out_features(self, adapter_name: str, out_features: int | None) -> None:
+        """Compute only the first `out_features` outputs while `adapter_name` is active (None: all)."""
+        base = self.get_base_layer()
         if out_features is not None:
-            if full is None:
+            if type(base) is not nn.Linear:
                 raise ValueError(
-                    f"Elastic widths slice torch.nn.Linear bases; this layer's base is a "
-                    f"{type(self.get_base_layer()).__name__}."
+                    f"Elastic widths slice torch.nn.Linear bases; this layer's base is a {type(base).__name__}."
                 )
+            full = self.out_features
             if isinstance(out_features, bool) or not isinstance(out_features, int) or not 0 < out_features <= full:
                 raise ValueError(f"out_features={out_features!r} is outside 1..{full} for this layer.")
-        self.active_out_features = None if out_features == full else out_features
+            if out_features == full:
+                out_features = None
+        self.lora_A[adapter_name].active_out = out_features
 
-    def _narrowed(self, x: torch.Tensor) -> bool:
-        return self.active_out_features is not None or x.shape[-1] != self.in_features
+    def _width(self, x: torch.Tensor) -> int | None:
+        """The output width of this forward (None: all outputs and a full-width input, the plain LoRA path)."""
+        if self.disable_adapters:
+            widths = set()
+        else:
+            widths = {self.lora_A[a].active_out for a in self.active_adapters if a in self.lora_A}
+        if len(widths) > 1:
+            raise ValueError(f"The active adapters of this layer have different output widths {sorted(widths)}.")
+        width = next(iter(widths), None)
+        if width is None and x.shape[-1] == self.in_features:
+            return None
+        return width or self.out_features
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._narrowed(x):
+        out_width = self._width(x)
+        if out_width is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear) or args or kwargs:
+        if type(base) is not nn.Linear or args or kwargs:
             raise ValueError(
                 f"Elastic widths slice torch.nn.Linear bases called with one input; got a {type(base).__name__} "
                 f"with an input of width {x.shape[-1]} (of {self.in_features})."
             )
         if self.disable_adapters and self.merged:
             self.unmerge()
-        out_width, in_width = self.active_out_features or self.out_features, x.shape[-1]
+        in_width = x.shape[-1]
         bias = None if base.bias is None else base.bias[:out_width]
         result = F.linear(x, base.weight[:out_width, :in_width], bias)
         if self.disable_adapters or self.merged:
