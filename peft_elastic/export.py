@@ -13,7 +13,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .io import staged_directory
-from .subnetwork import _groups, module_ranks
+from .subnetwork import _rank_groups, module_ranks, module_widths
 
 # LoraConfig fields that the export sets itself; every other field is copied from the elastic config.
 _DERIVED_FIELDS = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"}
@@ -31,9 +31,20 @@ def sub_adapter_state(
             f"export needs the PeftModel returned by get_peft_model / PeftModel.from_pretrained, got "
             f"{type(model).__name__}."
         )
-    adapter_name, groups = _groups(model, adapter_name)
+    adapter_name, groups = _rank_groups(model, adapter_name)
     config = model.peft_config[adapter_name]
     ranks = module_ranks(model, subnetwork, adapter_name)
+    layers = {module_name: layer for group in groups.values() for module_name, layer in group.modules}
+    narrowed = [
+        name
+        for name, widths in module_widths(model, subnetwork, adapter_name).items()
+        if widths != (layers[name].out_features, layers[name].in_features)
+    ]
+    if narrowed:
+        raise ValueError(
+            f"This subnetwork narrows the base ({len(narrowed)} modules, e.g. {narrowed[0]!r}), which a LoRA adapter "
+            "cannot express: export a subnetwork at full widths (its elastic widths at their largest choice)."
+        )
     scalings = {name: layer.scaling[adapter_name] for g in groups.values() for name, layer in g.modules}
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)

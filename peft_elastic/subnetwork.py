@@ -1,7 +1,9 @@
 """The subnetwork API: the search space of a model with elastic adapters, and getting, setting and sampling its
 subnetworks.
 
-A *subnetwork* is a dict `{group name: rank}` over the rank groups of one adapter (see `search_space`). Every
+A *subnetwork* is a dict `{group name: choice}` over the groups of one adapter (see `search_space`): a rank for a rank
+group, and with Mode B widths an MLP intermediate size (`"<mlp module>:width"`) or a number of attention heads
+(`"<attention module>:heads"`). Every
 function takes a `PeftModel` or its tuner (`model.base_model`) and works on `adapter_name`, by default the one active
 elastic adapter. The active subnetwork is module state: set it between steps, never inside `forward`.
 """
@@ -17,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 from .tuners.elastic_lora.config import ElasticLoraConfig
-from .tuners.elastic_lora.space import RankGroup, rank_groups
+from .tuners.elastic_lora.space import RankGroup, WidthGroup, rank_groups, width_groups
 
 Subnetwork = dict[str, int]
 
@@ -50,21 +52,34 @@ def _resolve(model: nn.Module, adapter_name: str | None) -> tuple[nn.Module, str
     return tuner, adapter_name, tuner.peft_config[adapter_name]
 
 
-def _groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup]]:
+def _groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup | WidthGroup]]:
+    """Every group of the search space: the rank groups, then the width groups (Mode B)."""
+    tuner, adapter_name, config = _resolve(model, adapter_name)
+    return adapter_name, rank_groups(tuner.model, config, adapter_name) | width_groups(
+        tuner.model, config, adapter_name
+    )
+
+
+def _rank_groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup]]:
     tuner, adapter_name, config = _resolve(model, adapter_name)
     return adapter_name, rank_groups(tuner.model, config, adapter_name)
 
 
 def search_space(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[int]]:
-    """`{group name: [rank choices, largest first]}` for every rank group, in module order."""
+    """`{group name: [choices, largest first]}` for every group: rank groups in module order, then width groups."""
     _, groups = _groups(model, adapter_name)
     return {name: list(group.choices) for name, group in groups.items()}
 
 
 def get_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
-    """The active subnetwork `{group name: rank}`."""
+    """The active subnetwork `{group name: choice}`."""
     adapter_name, groups = _groups(model, adapter_name)
-    return {name: group.modules[0][1].active_rank(adapter_name) for name, group in groups.items()}
+    return {
+        name: group.value(adapter_name)
+        if isinstance(group, WidthGroup)
+        else group.modules[0][1].active_rank(adapter_name)
+        for name, group in groups.items()
+    }
 
 
 def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> Subnetwork:
@@ -86,16 +101,20 @@ def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> S
         details = "; ".join(
             f"{name!r}: {rank!r} (valid: {list(groups[name].choices)})" for name, rank in invalid.items()
         )
-        raise ValueError(f"Invalid rank(s) in subnetwork: {details}.")
+        raise ValueError(f"Invalid choice(s) in subnetwork: {details}.")
     return {name: int(rank) for name, rank in subnetwork.items()}
 
 
 def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name: str | None = None) -> None:
-    """Activate `subnetwork`. Groups it does not name keep their rank. Nothing changes if any entry is invalid."""
+    """Activate `subnetwork`. Groups it does not name keep their choice. Nothing changes if any entry is invalid."""
     adapter_name, groups = _groups(model, adapter_name)
-    for name, rank in _validated(subnetwork, groups).items():
-        for _, layer in groups[name].modules:
-            layer.set_active_rank(adapter_name, rank)
+    for name, choice in _validated(subnetwork, groups).items():
+        group = groups[name]
+        if isinstance(group, WidthGroup):
+            group.apply(adapter_name, choice)
+            continue
+        for _, layer in group.modules:
+            layer.set_active_rank(adapter_name, choice)
 
 
 def maximal_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
@@ -139,20 +158,43 @@ def module_ranks(
     model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
 ) -> dict[str, int]:
     """`{module name: rank}` of every adapted module under `subnetwork` (default: the active one; groups it does
-    not name keep their active rank)."""
+    not name keep their active choice)."""
     adapter_name, groups = _groups(model, adapter_name)
     chosen = _validated(subnetwork or {}, groups)
     return {
         module_name: chosen.get(name, layer.active_rank(adapter_name))
         for name, group in groups.items()
+        if isinstance(group, RankGroup)
         for module_name, layer in group.modules
     }
 
 
-def parameters_per_rank(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
-    """`{group name: adapter parameters per unit of rank}`: a group at rank `k` uses `k` times this many parameters
-    (`in + out` summed over its modules), not counting LoRA biases."""
+def module_widths(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """`{module name: (output width, input width)}` of every adapted module under `subnetwork` (default: the active
+    one): the full sizes, narrowed by the width groups (Mode B)."""
     adapter_name, groups = _groups(model, adapter_name)
+    chosen = _validated(subnetwork or {}, groups)
+    widths = {
+        module_name: (layer.out_features, layer.in_features)
+        for group in groups.values()
+        if isinstance(group, RankGroup)
+        for module_name, layer in group.modules
+    }
+    for name, group in groups.items():
+        if isinstance(group, WidthGroup):
+            value = chosen.get(name, group.value(adapter_name))
+            for module_name, (out_width, in_width) in group.widths(value).items():
+                full_out, full_in = widths[module_name]
+                widths[module_name] = (out_width or full_out, in_width or full_in)
+    return widths
+
+
+def parameters_per_rank(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """`{rank group name: adapter parameters per unit of rank}`: a group at rank `k` uses `k` times this many
+    parameters (`in + out` summed over its modules, at full width), not counting LoRA biases."""
+    adapter_name, groups = _rank_groups(model, adapter_name)
     return {
         name: sum(
             layer.lora_A[adapter_name].in_features + layer.lora_B[adapter_name].out_features
@@ -166,15 +208,16 @@ def num_adapter_parameters(
     model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
 ) -> int:
     """The number of adapter parameters `subnetwork` (default: the active one) uses: `k · (in + out)` per module
-    of rank `k`, plus the LoRA bias if there is one. Parameters of `modules_to_save` are not counted."""
-    adapter_name, groups = _groups(model, adapter_name)
+    of rank `k` and active widths `in`, `out`, plus the LoRA bias if there is one (`out`). Parameters of
+    `modules_to_save` are not counted."""
+    adapter_name, groups = _rank_groups(model, adapter_name)
     ranks = module_ranks(model, subnetwork, adapter_name)
+    widths = module_widths(model, subnetwork, adapter_name)
     total = 0
     for group in groups.values():
         for module_name, layer in group.modules:
-            k = ranks[module_name]
-            lora_b = layer.lora_B[adapter_name]
-            total += k * (layer.lora_A[adapter_name].in_features + lora_b.out_features)
-            if lora_b.bias is not None:
-                total += lora_b.out_features
+            out_width, in_width = widths[module_name]
+            total += ranks[module_name] * (in_width + out_width)
+            if layer.lora_B[adapter_name].bias is not None:
+                total += out_width
     return total

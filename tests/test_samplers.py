@@ -315,7 +315,7 @@ def test_fixed_errors(model):
         set_up(FixedSampler(subnetwork="largest"), model)
     with pytest.raises(ValueError, match=r"Unknown group name\(s\) \['model\.layers\.9\.mlp\.up_proj'\]"):
         set_up(FixedSampler(subnetwork={"model.layers.9.mlp.up_proj": 8}), model)
-    with pytest.raises(ValueError, match=r"Invalid rank\(s\).*up_proj': 5 \(valid: \[8, 6, 4\]\)"):
+    with pytest.raises(ValueError, match=r"Invalid choice\(s\).*up_proj': 5 \(valid: \[8, 6, 4\]\)"):
         set_up(FixedSampler(subnetwork={UP1: 5}), model)
     with pytest.raises(ValueError, match=r"subnetwork must be 'maximal', 'heuristic', 'minimal' or a dict.*got 8"):
         FixedSampler(subnetwork=8)

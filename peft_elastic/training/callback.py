@@ -105,6 +105,8 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         return chosen
 
     def _params(self, subnetwork: Mapping[str, int]) -> int:
+        if self._widths:  # Mode B: the widths change the adapters' sizes too
+            return num_adapter_parameters(self.model, subnetwork, self.adapter_name)
         return self._bias_params + sum(self._costs[name] * rank for name, rank in subnetwork.items())
 
     # -------------------------------------------------------------------------------------------------- callbacks
@@ -136,8 +138,9 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         self.sampler.setup(model, self.adapter_name, state=sampler_state)
         self._costs = parameters_per_rank(model, self.adapter_name)
         maximal = self.sampler.maximal
+        self._widths = bool(set(maximal) - set(self._costs))
         self._bias_params = num_adapter_parameters(model, maximal, self.adapter_name) - sum(
-            self._costs[name] * rank for name, rank in maximal.items()
+            self._costs[name] * rank for name, rank in maximal.items() if name in self._costs
         )
         self._max_params = self._params(maximal)
         self._eval = dict(self.sampler.maximal)  # groups a dict does not name use their maximal rank

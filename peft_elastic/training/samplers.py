@@ -26,6 +26,7 @@ from torch import nn
 from ..subnetwork import (
     Subnetwork,
     _groups,
+    _rank_groups,
     _validated,
     heuristic_subnetwork,
     maximal_subnetwork,
@@ -213,6 +214,12 @@ class GridParamsSampler(SubnetworkSampler):
     def setup(self, model, adapter_name=None, state=None):
         super().setup(model, adapter_name, state)
         self.costs = parameters_per_rank(model, adapter_name)
+        widths = sorted(set(self.space) - set(self.costs))
+        if widths:
+            raise ValueError(
+                f"strategy='grid_params' bins subnetworks by their adapter ranks and is not available with elastic "
+                f"widths (Mode B; e.g. {widths[0]!r}); use 'random', 'sandwich' or 'random_linear'."
+            )
         if state and state.get("grid"):
             grid = [dict(entry) for entry in state["grid"]]
             fits = state.get("bins", self.bins) == self.bins and len(grid) <= self.bins
@@ -290,7 +297,7 @@ class GridParamsSampler(SubnetworkSampler):
 
 def _prefix_square_norms(model: nn.Module, adapter_name: str | None) -> dict[str, dict[int, float]]:
     """`{group: {rank k: Σ over the group's modules of ||A[:k]||² + ||B[:, :k]||²}}` for every choice `k`."""
-    adapter_name, groups = _groups(model, adapter_name)
+    adapter_name, groups = _rank_groups(model, adapter_name)
     norms = {}
     with torch.no_grad():
         for name, group in groups.items():

@@ -12,6 +12,11 @@ from peft.utils.other import get_pattern_key
 #: Default grouping: modules named in one inner list share one rank choice within each layer (Shears groups q/k/v).
 DEFAULT_RANK_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 
+#: Default producers (sliced by output rows) and consumers (sliced by input columns) of an elastic width: the MLP
+#: intermediate channels of Llama-style blocks, and their attention heads.
+DEFAULT_WIDTH_MODULES = (("gate_proj", "up_proj"), ("down_proj",))
+DEFAULT_HEAD_MODULES = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+
 #: `init_lora_weights` values whose initialisation does not depend on the rank being fixed.
 SUPPORTED_INIT = (True, False, "gaussian")
 
@@ -40,6 +45,37 @@ def validate_rank_choices(choices, what: str) -> list[int]:
             f"use {sorted(choices, reverse=True)}."
         )
     return choices
+
+
+def validate_width_choices(choices, what: str) -> list[int] | list[float]:
+    """Check that `choices` is a non-empty, strictly descending list of positive ints (absolute sizes) or of floats in
+    (0, 1] (fractions of the full size) starting at 1.0; return it as a list."""
+    example = (
+        f"{what} must be a descending list of sizes such as [11008, 8256, 5504] or of fractions such as "
+        "[1.0, 0.75, 0.5]"
+    )
+    if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__"):
+        raise ValueError(f"{example}, got {choices!r}.")
+    choices = list(choices)
+    ints = all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in choices)
+    fractions = all(isinstance(c, float) and 0 < c <= 1 for c in choices)
+    if not choices or not (ints or fractions):
+        raise ValueError(f"{example} (all of one kind), got {choices!r}.")
+    if any(a <= b for a, b in zip(choices, choices[1:], strict=False)):
+        raise ValueError(f"{what} must be strictly descending (largest first), got {choices}.")
+    if fractions and choices[0] != 1.0:
+        raise ValueError(f"{what} must start with 1.0 (the full width, the maximal subnetwork), got {choices}.")
+    return choices
+
+
+def _validated_width_modules(value, label: str, default) -> list[list[str]]:
+    def suffixes(group) -> bool:
+        return isinstance(group, (list, tuple)) and group and all(isinstance(n, str) and n for n in group)
+
+    if isinstance(value, (str, bytes)) or len(value) != 2 or not all(suffixes(g) for g in value):
+        example = [list(g) for g in default]
+        raise ValueError(f"{label} must be [producer suffixes, consumer suffixes], e.g. {example}, got {value!r}.")
+    return [list(g) for g in value]
 
 
 @dataclass
@@ -90,9 +126,61 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
+    width_choices: list[int] | list[float] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Mode B (LoNAS): the MLP intermediate widths a subnetwork may use in each decoder layer, largest "
+                "first: sizes ([11008, 8256, 5504]; the largest must be the layer's) or fractions ([1.0, 0.75, 0.5]). "
+                "The subnetwork keeps the first channels: the base weights and adapters of the producers "
+                "(width_modules[0]) lose output rows, those of the consumers (width_modules[1]) input columns. All of "
+                "them must be in target_modules and be torch.nn.Linear. None: the MLP width is fixed."
+            )
+        },
+    )
+    width_modules: list[list[str]] = field(
+        default_factory=lambda: [list(group) for group in DEFAULT_WIDTH_MODULES],
+        metadata={
+            "help": (
+                "[producers, consumers] of the elastic MLP width: module-name suffixes within one parent module. "
+                "Default [['gate_proj', 'up_proj'], ['down_proj']] (Llama, Mistral, Qwen)."
+            )
+        },
+    )
+    head_choices: list[int] | list[float] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Mode B: the numbers of attention (query) heads a subnetwork may use in each attention block, "
+                "largest first: counts ([32, 24, 16]; the largest must be the block's) or fractions ([1.0, 0.75]). "
+                "The first heads are kept; with grouped-query attention each choice must be a multiple of the "
+                "query heads per key/value head, and the key/value heads narrow with them. None: fixed."
+            )
+        },
+    )
+    head_modules: list[list[str]] = field(
+        default_factory=lambda: [list(group) for group in DEFAULT_HEAD_MODULES],
+        metadata={
+            "help": (
+                "[producers, consumers] of the elastic heads: [[query, key, value], [output]] suffixes. Default "
+                "[['q_proj', 'k_proj', 'v_proj'], ['o_proj']]."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.ELASTIC_LORA
+        if self.width_choices is not None:
+            self.width_choices = validate_width_choices(self.width_choices, "width_choices")
+        if self.head_choices is not None:
+            self.head_choices = validate_width_choices(self.head_choices, "head_choices")
+        for label, default in (("width_modules", DEFAULT_WIDTH_MODULES), ("head_modules", DEFAULT_HEAD_MODULES)):
+            setattr(self, label, _validated_width_modules(getattr(self, label), label, default))
+        if len(self.head_modules[0]) != 3:
+            raise ValueError(
+                f"head_modules[0] names the query, key and value projections (3 suffixes), got {self.head_modules[0]}."
+            )
         self._check_supported()
         if self.rank_choices is None:
             self.rank_choices = default_rank_choices(self.r)

@@ -1,4 +1,5 @@
-"""The search space of an elastic adapter: which modules share one rank choice (a *rank group*) and its choices."""
+"""The search space of an elastic adapter: which modules share one rank choice (a *rank group*) and its choices, and
+(Mode B) the elastic widths of MLP blocks and attention heads (*width groups*)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,176 @@ def rank_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) 
             modules=tuple((name, module) for _, name, module in members),
         )
     return groups
+
+
+# ------------------------------------------------------------------------------------------ widths (Mode B)
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """An elastic width of one parent module (Mode B): its `choices` (MLP intermediate channels, or query heads),
+    the `producers` whose first outputs it keeps — `(module name, layer, outputs per unit of the choice)` — and the
+    `consumers`, whose inputs narrow with them (they read the width from their input)."""
+
+    name: str
+    kind: str  # "width" | "heads"
+    choices: tuple[int, ...]
+    producers: tuple[tuple[str, ElasticLoraLayer, int], ...]
+    consumers: tuple[tuple[str, ElasticLoraLayer], ...]
+
+    def value(self, adapter_name: str) -> int:
+        """The active choice of `adapter_name`."""
+        _, layer, unit = self.producers[0]
+        return layer.active_out_features(adapter_name) // unit
+
+    def apply(self, adapter_name: str, value: int) -> None:
+        """Make `value` the active choice of `adapter_name` (the full size resets the producers to all outputs)."""
+        for _, layer, unit in self.producers:
+            layer.set_active_out_features(adapter_name, value * unit)
+
+    def widths(self, value: int) -> dict[str, tuple[int | None, int | None]]:
+        """`{module name: (output width, input width)}` of its modules at `value` (None: unchanged)."""
+        out = {name: (value * unit, None) for name, _, unit in self.producers}
+        consumer_in = value * self.producers[0][2]
+        return out | {name: (None, consumer_in) for name, _ in self.consumers}
+
+
+def width_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> dict[str, WidthGroup]:
+    """The width groups of `adapter_name` in `model`, in module order: one per parent module that holds the MLP
+    producers/consumers of `config.width_modules` (if `config.width_choices`) or the attention projections of
+    `config.head_modules` (if `config.head_choices`)."""
+    specs = []
+    if config.width_choices is not None:
+        specs.append(("width", config.width_choices, config.width_modules))
+    if config.head_choices is not None:
+        specs.append(("heads", config.head_choices, config.head_modules))
+    if not specs:
+        return {}
+    children: dict[str, dict[str, tuple[str, ElasticLoraLayer]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ElasticLoraLayer) and adapter_name in module.lora_A:
+            parent, _, leaf = name.rpartition(".")
+            children.setdefault(parent, {})[leaf] = (name, module)
+    groups = {}
+    for parent, members in children.items():
+        for kind, choices, (producers, consumers) in specs:
+            wanted = producers + consumers
+            present = [suffix for suffix in wanted if suffix in members]
+            if not present:
+                continue
+            missing = [suffix for suffix in wanted if suffix not in members]
+            if missing:
+                raise ValueError(
+                    f"{'width_choices' if kind == 'width' else 'head_choices'} makes {parent!r} elastic, which needs "
+                    f"{wanted} adapted, but {missing} are not in target_modules; add them (or change "
+                    f"{'width_modules' if kind == 'width' else 'head_modules'})."
+                )
+            layers = {suffix: members[suffix] for suffix in wanted}
+            for name, layer in layers.values():
+                base = layer.get_base_layer()
+                if type(base) is not nn.Linear or not hasattr(layer, "set_active_out_features"):
+                    raise ValueError(
+                        f"Elastic widths slice torch.nn.Linear layers; {name!r} is a {type(base).__name__}. "
+                        "Quantized and Conv1D bases do not take width_choices/head_choices."
+                    )
+            if kind == "width":
+                group = _mlp_group(parent, choices, layers, producers, consumers)
+            else:
+                owner = model.get_submodule(parent)
+                group = _head_group(parent, choices, layers, producers, consumers, getattr(owner, "head_dim", None))
+            groups[group.name] = group
+    return groups
+
+
+def _resolve(choices, full: int, what: str, multiple_of: int = 1) -> tuple[int, ...]:
+    """Absolute sizes of `choices` (sizes, or fractions of `full`), checked against the layer."""
+    if isinstance(choices[0], float):
+        sizes = [max(multiple_of, round(c * full / multiple_of) * multiple_of) for c in choices]
+    else:
+        sizes = list(choices)
+        if sizes[0] != full:
+            raise ValueError(
+                f"The largest of {what}'s choices {list(choices)} must be its full size {full} (the maximal "
+                "subnetwork is the whole model)."
+            )
+    bad = [s for s in sizes if s % multiple_of]
+    if bad:
+        raise ValueError(
+            f"{what}: head choices {bad} are not multiples of {multiple_of}, the query heads per key/value head "
+            "(grouped-query attention keeps whole groups)."
+        )
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(
+            f"{what}: the choices {list(choices)} give duplicate sizes {sizes}; use fewer or coarser ones."
+        )
+    return tuple(sizes)
+
+
+def _mlp_group(parent, choices, layers, producers, consumers) -> WidthGroup:
+    full = {layers[p][1].out_features for p in producers}
+    if len(full) != 1:
+        raise ValueError(f"The producers {producers} of {parent!r} have different output sizes {sorted(full)}.")
+    size = full.pop()
+    mismatched = [c for c in consumers if layers[c][1].in_features != size]
+    if mismatched:
+        raise ValueError(f"The consumers {mismatched} of {parent!r} do not take the producers' {size} outputs.")
+    return WidthGroup(
+        name=f"{parent}:width",
+        kind="width",
+        choices=_resolve(choices, size, f"{parent!r} (width_choices)"),
+        producers=tuple((layers[p][0], layers[p][1], 1) for p in producers),
+        consumers=tuple(layers[c] for c in consumers),
+    )
+
+
+def _head_group(parent, choices, layers, producers, consumers, head_dim) -> WidthGroup:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(
+            f"head_choices needs the head size of {parent!r}, read from its `head_dim` attribute (transformers' "
+            f"attention modules have one), got {head_dim!r}."
+        )
+    query, key, value = (layers[p][1] for p in producers)
+    heads, kv_heads = query.out_features // head_dim, key.out_features // head_dim
+    if query.out_features % head_dim or key.out_features % head_dim or value.out_features != key.out_features:
+        raise ValueError(
+            f"{parent!r}: query/key/value sizes {query.out_features}/{key.out_features}/{value.out_features} do not "
+            f"split into heads of {head_dim}."
+        )
+    if heads % kv_heads:
+        raise ValueError(f"{parent!r}: {heads} query heads do not split over {kv_heads} key/value heads.")
+    per_kv = heads // kv_heads
+    sizes = _resolve(choices, heads, f"{parent!r} (head_choices)", multiple_of=per_kv)
+    mismatched = [c for c in consumers if layers[c][1].in_features != query.out_features]
+    if mismatched:
+        raise ValueError(f"The consumers {mismatched} of {parent!r} do not take the {heads} heads' outputs.")
+    # choices count query heads; key/value keep heads // per_kv of theirs
+    q_name, k_name, v_name = (layers[p][0] for p in producers)
+    return _HeadGroup(
+        name=f"{parent}:heads",
+        kind="heads",
+        choices=sizes,
+        producers=((q_name, query, head_dim), (k_name, key, head_dim), (v_name, value, head_dim)),
+        consumers=tuple(layers[c] for c in consumers),
+        per_kv=per_kv,
+    )
+
+
+@dataclass(frozen=True)
+class _HeadGroup(WidthGroup):
+    """Heads: query heads `h` keep `h · head_dim` outputs of q, and key/value `h / per_kv · head_dim` of theirs."""
+
+    per_kv: int = 1
+
+    def _units(self, value: int) -> list[int]:
+        return [value, value // self.per_kv, value // self.per_kv]
+
+    def apply(self, adapter_name: str, value: int) -> None:
+        for (_, layer, head_dim), heads in zip(self.producers, self._units(value), strict=True):
+            layer.set_active_out_features(adapter_name, heads * head_dim)
+
+    def widths(self, value: int) -> dict[str, tuple[int | None, int | None]]:
+        out = {
+            name: (heads * dim, None) for (name, _, dim), heads in zip(self.producers, self._units(value), strict=True)
+        }
+        consumer_in = value * self.producers[0][2]
+        return out | {name: (None, consumer_in) for name, _ in self.consumers}
