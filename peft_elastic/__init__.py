@@ -6,6 +6,7 @@ checkpoint.
 """
 
 from ._registry import register_tuner
+from .compressed import export_compressed_model, load_compressed_model
 from .export import export_sub_adapter, sub_adapter_state
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
 from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
@@ -15,6 +16,7 @@ from .subnetwork import (
     maximal_subnetwork,
     minimal_subnetwork,
     module_ranks,
+    module_widths,
     num_adapter_parameters,
     parameters_per_rank,
     sample_subnetwork,
@@ -39,14 +41,17 @@ __all__ = [
     "SparsePEFTConfig",
     "SparsePEFTModel",
     "SparsityReport",
+    "export_compressed_model",
     "export_sub_adapter",
     "get_subnetwork",
     "heuristic_subnetwork",
+    "load_compressed_model",
     "load_sparsity_mask",
     "maximal_subnetwork",
     "measure_sparsity",
     "minimal_subnetwork",
     "module_ranks",
+    "module_widths",
     "num_adapter_parameters",
     "parameters_per_rank",
     "quantize_gptq",
