@@ -271,6 +271,10 @@ def test_width_configuration_errors():
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             get_peft_model(base(), ElasticLoraConfig(r=8, **kwargs))
+    with pytest.raises(ValueError, match="NLSConfig searches adapter ranks only"):
+        peft_elastic.NLSConfig(width_choices=[1.0, 0.5])
+    with pytest.raises(ValueError, match="SparsePEFTConfig does not take width_choices/head_choices"):
+        peft_elastic.SparsePEFTConfig(r=8, head_choices=[1.0, 0.5])
     with pytest.raises(ValueError, match="must start with 1.0"):
         ElasticLoraConfig(r=8, width_choices=[0.75, 0.5])
     with pytest.raises(ValueError, match=r"head_modules must be \[producer suffixes, consumer suffixes\]"):

@@ -43,4 +43,9 @@ class NLSConfig(ElasticLoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.width_choices is not None or self.head_choices is not None:
+            raise ValueError(
+                "NLSConfig searches adapter ranks only and leaves the base untouched (Shears); for elastic widths or "
+                "heads (LoNAS, Mode B) use ElasticLoraConfig(width_choices=..., head_choices=...)."
+            )
         self.peft_type = PeftType.NLS

@@ -57,6 +57,11 @@ class SparsePEFTConfig(ElasticLoraConfig):
                 "SparsePEFTConfig does not support lora_bias=True: a bias update would not keep the base's sparsity "
                 "pattern meaningful for merges; leave lora_bias=False."
             )
+        if self.width_choices is not None or self.head_choices is not None:
+            raise ValueError(
+                "SparsePEFTConfig does not take width_choices/head_choices: its masked update folds into the full "
+                "base weight. For elastic widths or heads (LoNAS, Mode B) use ElasticLoraConfig."
+            )
         if not isinstance(self.quantization_aware, bool):
             raise ValueError(f"quantization_aware must be True or False, got {self.quantization_aware!r}.")
         if self.quantization_aware and self.lora_dropout:
