@@ -8,6 +8,7 @@ checkpoint.
 from ._registry import register_tuner
 from .compressed import export_compressed_model, load_compressed_model
 from .export import export_sub_adapter, sub_adapter_state
+from .importance import reorder_by_importance
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
 from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
 from .subnetwork import (
@@ -55,6 +56,7 @@ __all__ = [
     "num_adapter_parameters",
     "parameters_per_rank",
     "quantize_gptq",
+    "reorder_by_importance",
     "sample_subnetwork",
     "save_sparsified",
     "search_space",

@@ -1,0 +1,165 @@
+"""Importance ordering for Mode B (Sukthanker et al.): permute MLP channels and attention heads so that the first
+ones — the ones every narrower subnetwork keeps — are the most important, without changing what the model computes.
+
+An MLP channel `j` lives in row `j` of every producer (gate, up) and column `j` of every consumer (down); moving it
+everywhere at once leaves the output unchanged. Attention heads move as whole key/value groups (a key/value head
+with the query heads that read it, rows of q, k, v and columns of o), which keeps grouped-query attention intact;
+rotary embeddings act on each head alike. Importance of a channel or group:
+
+- `"magnitude"`: `‖W_c[:, j]‖₂ · mean over producers of ‖W_p[j, :]‖₂` (its output weights times its input weights;
+  for attention the producer is the query projection), summed over a head group's channels;
+- `"activation"` (with calibration data): `‖X_j‖₂ · ‖W_c[:, j]‖₂`, with `‖X_j‖₂` the norm of the consumer's input
+  channel `j` over the calibration tokens (as Wanda scores weights), summed over a head group's channels.
+
+Apply it to the base model before `get_peft_model` (and before training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .sparsity.calibration import calibration_batches
+from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES, DEFAULT_WIDTH_MODULES
+
+METHODS = ("magnitude", "activation")
+
+
+@dataclasses.dataclass
+class _Block:
+    """One permutable unit: an MLP (`unit` 1: channels) or an attention block (`unit`: a key/value group's
+    channels in q/o; `kv_unit`: its channels in k/v)."""
+
+    parent: str
+    producers: list[nn.Linear]
+    consumers: list[nn.Linear]
+    unit: int = 1
+    kv_unit: int = 0  # attention: channels of one key/value head (the k/v producers are the last two)
+
+
+def reorder_by_importance(
+    model: nn.Module,
+    calibration_data=None,
+    *,
+    method: str | None = None,
+    tokenizer=None,
+    width_modules=DEFAULT_WIDTH_MODULES,
+    head_modules=DEFAULT_HEAD_MODULES,
+    text_column: str = "text",
+    max_length: int = 512,
+    num_samples: int = 128,
+) -> dict[str, list[int]]:
+    """Permute, in place, the MLP channels and attention key/value groups of every block of `model` (a plain
+    transformers model) by decreasing importance. `method`: "magnitude" (default without calibration data) or
+    "activation" (default with it; calibration data as for `sparsify`). Returns `{block: new order}` (the old
+    index of each new position: channels for MLPs, key/value groups for attention)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "reorder_by_importance permutes the base model's weights: call it on the model before get_peft_model."
+        )
+    method = method or ("magnitude" if calibration_data is None else "activation")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
+    if method == "activation" and calibration_data is None:
+        raise ValueError("method='activation' needs calibration_data (method='magnitude' does not).")
+    blocks = _blocks(model, width_modules, head_modules)
+    if not blocks:
+        raise ValueError(
+            f"No MLP ({list(width_modules)}) or attention ({list(head_modules)}) block of torch.nn.Linear layers was "
+            "found in this model; set width_modules/head_modules to its module-name suffixes."
+        )
+    norms = None
+    if method == "activation":
+        batches = calibration_batches(
+            calibration_data, tokenizer, text_column=text_column, max_length=max_length, num_samples=num_samples
+        )
+        norms = _consumer_input_norms(model, blocks, batches)
+    orders = {}
+    with torch.no_grad():
+        for block in blocks:
+            scores = _scores(block, None if norms is None else norms[block.parent])
+            order = torch.argsort(scores, descending=True, stable=True)
+            _permute(block, order)
+            orders[block.parent] = order.tolist()
+    return orders
+
+
+def _blocks(model: nn.Module, width_modules, head_modules) -> list[_Block]:
+    (mlp_out, mlp_in), (attn_out, attn_in) = width_modules, head_modules
+    blocks = []
+
+    def linear(children: dict[str, nn.Module], suffixes) -> list[nn.Linear] | None:
+        found = [children.get(s) for s in suffixes]
+        return found if all(type(m) is nn.Linear for m in found) else None
+
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        producers, consumers = linear(children, mlp_out), linear(children, mlp_in)
+        if producers and consumers:
+            blocks.append(_Block(parent_name, producers, consumers))
+        producers, consumers = linear(children, attn_out), linear(children, attn_in)
+        head_dim = getattr(parent, "head_dim", None)
+        if producers and consumers and isinstance(head_dim, int):
+            query, key, _ = producers
+            per_kv = query.out_features // key.out_features
+            blocks.append(_Block(parent_name, producers, consumers, unit=per_kv * head_dim, kv_unit=head_dim))
+    return blocks
+
+
+def _consumer_input_norms(model, blocks, batches) -> dict[str, torch.Tensor]:
+    """`{block: ‖X_j‖₂ over the calibration tokens}` of the first consumer's input channels."""
+    squares = {block.parent: None for block in blocks}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            total = x.pow(2).sum(dim=0)
+            squares[name] = total if squares[name] is None else squares[name] + total
+
+        return record
+
+    handles = [block.consumers[0].register_forward_pre_hook(hook(block.parent)) for block in blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v.to(model.device) for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: total.sqrt() for name, total in squares.items()}
+
+
+def _scores(block: _Block, input_norms: torch.Tensor | None) -> torch.Tensor:
+    """Importance of each unit of `block` (channel, or key/value group)."""
+    out_weight = sum(c.weight.float().norm(dim=0) for c in block.consumers)  # (channels,)
+    if input_norms is None:
+        producers = block.producers[:1] if block.kv_unit else block.producers
+        in_weight = sum(p.weight.float().norm(dim=1) for p in producers) / len(producers)
+        channel = out_weight * in_weight
+    else:
+        channel = out_weight * input_norms.to(out_weight.device)
+    return channel.reshape(-1, block.unit).sum(dim=1)
+
+
+def _permute(block: _Block, order: torch.Tensor) -> None:
+    """Move unit `order[i]` to position `i` in every producer (rows) and consumer (columns)."""
+
+    def index(unit: int) -> torch.Tensor:
+        return (order.view(-1, 1) * unit + torch.arange(unit)).reshape(-1)
+
+    main = index(block.unit)
+    kv = index(block.kv_unit) if block.kv_unit else main
+    for position, producer in enumerate(block.producers):
+        rows = kv if block.kv_unit and position > 0 else main  # attention: k and v move by key/value head
+        producer.weight.copy_(producer.weight[rows.to(producer.weight.device)])
+        if producer.bias is not None:
+            producer.bias.copy_(producer.bias[rows.to(producer.bias.device)])
+    for consumer in block.consumers:
+        consumer.weight.copy_(consumer.weight[:, main.to(consumer.weight.device)])
