@@ -7,6 +7,7 @@ checkpoint.
 
 from ._registry import register_tuner
 from .compressed import export_compressed_model, load_compressed_model
+from .cost import Cost, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
 from .export import export_sub_adapter, sub_adapter_state
 from .importance import reorder_by_importance
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
@@ -35,6 +36,12 @@ register_tuner("nls", NLSConfig, ElasticLoraModel)  # a preset: same tuner, its 
 register_tuner("sparse_peft", SparsePEFTConfig, SparsePEFTModel)
 
 __all__ = [
+    "Cost",
+    "Latency",
+    "count_macs",
+    "count_parameters",
+    "measure_latency",
+    "subnetwork_cost",
     "ElasticLoraConfig",
     "ElasticLoraModel",
     "NLSConfig",

@@ -84,7 +84,7 @@ def get_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetw
 
 def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> Subnetwork:
     if not isinstance(subnetwork, Mapping):
-        raise ValueError(f"A subnetwork is a dict {{group name: rank}}, got {type(subnetwork).__name__}.")
+        raise ValueError(f"A subnetwork is a dict {{group name: choice}}, got {type(subnetwork).__name__}.")
     unknown = [name for name in subnetwork if name not in groups]
     if unknown:
         known = list(groups)
@@ -118,12 +118,12 @@ def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name
 
 
 def maximal_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
-    """Every group at its largest rank (the full super-adapter)."""
+    """Every group at its largest choice (the full super-network)."""
     return {name: choices[0] for name, choices in search_space(model, adapter_name).items()}
 
 
 def minimal_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
-    """Every group at its smallest rank."""
+    """Every group at its smallest choice."""
     return {name: choices[-1] for name, choices in search_space(model, adapter_name).items()}
 
 

@@ -87,7 +87,7 @@ def test_set_subnetwork_errors_name_the_problem_and_change_nothing():
         peft_elastic.set_subnetwork(model, {QKV0: 16, "model.layers.0.mlp.up_proj": 20})
     with pytest.raises(ValueError, match=r"Invalid choice"):
         peft_elastic.set_subnetwork(model, {QKV0: "16"})
-    with pytest.raises(ValueError, match=r"dict \{group name: rank\}, got list"):
+    with pytest.raises(ValueError, match=r"dict \{group name: choice\}, got list"):
         peft_elastic.set_subnetwork(model, [16, 16])
     assert peft_elastic.get_subnetwork(model) == before
 

@@ -33,7 +33,7 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         seed: the subnetwork of optimizer step `t` depends only on `(seed, t)`: the same on every DDP rank, and a
             resumed run continues the same sequence.
         eval_subnetwork: the subnetwork evaluations, checkpoints and the final model use: "maximal" (default),
-            "heuristic", "minimal" or a dict `{group name: rank}` (groups it does not name: maximal). Its metrics
+            "heuristic", "minimal" or a dict `{group name: choice}` (groups it does not name: maximal). Its metrics
             are reported as usual (`eval_loss`).
         eval_subnetworks: further subnetworks to evaluate at each evaluation, by name (e.g.
             `("maximal", "heuristic", "minimal")`); their metrics get the name in their prefix (`eval_minimal_loss`).
@@ -76,7 +76,7 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
             isinstance(eval_subnetwork, str) and eval_subnetwork not in NAMED_SUBNETWORKS
         ):
             raise ValueError(
-                f"eval_subnetwork must be one of {list(NAMED_SUBNETWORKS)} or a dict {{group name: rank}}, "
+                f"eval_subnetwork must be one of {list(NAMED_SUBNETWORKS)} or a dict {{group name: choice}}, "
                 f"got {eval_subnetwork!r}."
             )
         if isinstance(eval_subnetworks, str):

@@ -45,12 +45,12 @@ def named_subnetwork(model: nn.Module, subnetwork: str | Mapping[str, int], adap
         if subnetwork not in NAMED_SUBNETWORKS:
             raise ValueError(
                 f"Unknown subnetwork name {subnetwork!r}; use one of {list(NAMED_SUBNETWORKS)} or a dict "
-                "{group name: rank}."
+                "{group name: choice}."
             )
         return NAMED_SUBNETWORKS[subnetwork](model, adapter_name)
     if not isinstance(subnetwork, Mapping):
         raise ValueError(
-            f"A subnetwork is 'maximal', 'heuristic', 'minimal' or a dict {{group name: rank}}, got {subnetwork!r}."
+            f"A subnetwork is 'maximal', 'heuristic', 'minimal' or a dict {{group name: choice}}, got {subnetwork!r}."
         )
     _, groups = _groups(model, adapter_name)
     return _validated(subnetwork, groups)
@@ -162,7 +162,7 @@ class FixedSampler(SubnetworkSampler):
         super().__init__(seed)
         if not isinstance(subnetwork, (str, Mapping)):
             raise ValueError(
-                f"subnetwork must be 'maximal', 'heuristic', 'minimal' or a dict {{group name: rank}}, "
+                f"subnetwork must be 'maximal', 'heuristic', 'minimal' or a dict {{group name: choice}}, "
                 f"got {subnetwork!r}."
             )
         self.subnetwork = subnetwork

@@ -1,0 +1,265 @@
+"""The cost of a subnetwork: parameters and multiply-accumulates (MACs) of the model it deploys as, computed
+analytically from the layer sizes, and a measured latency helper.
+
+The *deployed model* of a subnetwork is the physically sliced base with the adapters merged into it: every adapted
+linear layer at its active (output, input) widths (`subnetwork.module_widths`), the LoRA factors gone, every other
+module as it is. The counts below are those of that model, so they can be compared with the exported model and with
+the base. A model without an elastic adapter (a plain transformers model, or a PeftModel with other adapters) is
+counted at full size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .quantization.layers import is_gptq_layer
+from .subnetwork import _resolve, _tuner, module_widths
+from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
+
+#: Sequence length of `count_macs` and of the inputs `measure_latency` makes, unless given.
+DEFAULT_SEQ_LEN = 128
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The analytic cost of a subnetwork: parameters and MACs of one forward pass (see `subnetwork_cost`)."""
+
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Measured forward-pass times in seconds: `times` of every timed call, in order, their `median` and `min`."""
+
+    median: float
+    min: float
+    times: tuple[float, ...]
+
+
+# ------------------------------------------------------------------------------------------ the deployed model
+
+
+def _deployed(
+    model: nn.Module, subnetwork: Mapping[str, int] | None, adapter_name: str | None
+) -> tuple[nn.Module, dict[str, tuple[int, int]], tuple[str, ...]]:
+    """The module tree to walk, `{module name: (out, in)}` of its elastic layers under `subnetwork` (names relative
+    to that tree) and the query/key/value suffixes of its attention blocks."""
+    try:
+        tuner = _tuner(model)
+    except ValueError:  # no elastic adapter: everything at full size
+        if subnetwork is not None or adapter_name is not None:
+            raise
+        root = model.get_base_model() if isinstance(model, PeftModel) else model
+        return root, {}, DEFAULT_HEAD_MODULES[0]
+    _, adapter_name, config = _resolve(tuner, adapter_name)
+    return tuner.model, module_widths(tuner, subnetwork, adapter_name), tuple(config.head_modules[0])
+
+
+def _modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`(name, module)` of every module of the deployed model, adapter wrappers collapsed: a layer wrapped by an
+    adapter is one leaf (its adapter weights get merged), a `modules_to_save` wrapper its original module (the
+    trained copy that replaces it has the same shapes). A module registered at two places is yielded twice."""
+    yield prefix, module
+    if isinstance(module, BaseTunerLayer):
+        return
+    if isinstance(module, ModulesToSaveWrapper):
+        children = [("original_module", module.original_module)]
+    else:
+        children = module.named_children()
+    for name, child in children:
+        yield from _modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _linear_shape(name: str, module: nn.Module, widths: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+    """`(out, in)` of a linear layer — at its active widths if it is elastic — or None if `module` is not one.
+    Linear layers: `torch.nn.Linear` (bitsandbytes' included), transformers' `Conv1D` and GPTQ layers, bare or
+    wrapped by an adapter; sizes come from their attributes, not from their (maybe packed) weights."""
+    if name in widths:
+        return widths[name]
+    layer = _unwrapped(module)
+    if isinstance(layer, nn.Linear) or is_gptq_layer(layer):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, Conv1D):
+        return layer.nf, layer.nx
+    return None
+
+
+def _check_count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ analytic counts
+
+
+def count_parameters(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> int:
+    """The number of parameters of the model `subnetwork` deploys as (default: the active subnetwork; groups it does
+    not name keep their active choice).
+
+    Every linear layer counts `out · in` for its weight and `out` for its bias, at its active widths if it is
+    elastic (the weight's logical size: a 4-bit or GPTQ layer counts like a float one). Every other parameter
+    tensor (embeddings, norms, ...) counts its `numel()`. Adapter parameters (LoRA factors) are not counted: they
+    are merged into the base weights. A tensor used at two places (tied input/output embeddings) is counted once.
+    Buffers are not counted. `modules_to_save` count once, like the module they replace.
+
+    `model`: a PeftModel with an elastic adapter (or its tuner), or any other `nn.Module`, counted at full size
+    (then `subnetwork` and `adapter_name` must be None). Raises ValueError for a subnetwork that does not fit the
+    model (unknown group names or choices, as `set_subnetwork`).
+    """
+    root, widths, _ = _deployed(model, subnetwork, adapter_name)
+    counted: set[int] = set()  # ids of the tensors (or GPTQ layers) already counted
+    total = 0
+    for name, module in _modules(root):
+        layer = _unwrapped(module)
+        shape = _linear_shape(name, module, widths)
+        if shape is not None:
+            out_width, in_width = shape
+            bias = getattr(layer, "bias", None)
+            tensors = [(getattr(layer, "weight", layer), out_width * in_width)]
+            tensors += [(bias, out_width)] if bias is not None else []
+        else:  # a wrapped base layer is a leaf of the walk: count its children here
+            tensors = [(p, p.numel()) for p in layer.parameters(recurse=layer is not module)]
+        for tensor, size in tensors:
+            if id(tensor) not in counted:
+                counted.add(id(tensor))
+                total += size
+    return total
+
+
+def count_macs(
+    model: nn.Module,
+    subnetwork: Mapping[str, int] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    adapter_name: str | None = None,
+) -> int:
+    """The multiply-accumulates of one forward pass of the model `subnetwork` deploys as (default: the active
+    subnetwork) over one sequence of `seq_len` tokens, computing the logits of every position:
+
+        sum over linear layers        seq_len · in · out             (active widths; lm_head included)
+      + sum over attention blocks     2 · seq_len² · heads · head_dim
+
+    The attention term is `Q Kᵀ` (`seq_len · seq_len · head_dim` per query head) plus `softmax(...) V` (the same):
+    the full score matrix, as scaled-dot-product attention computes it; the causal mask does not halve it, and
+    grouped-query attention does not reduce it (key/value heads are shared, the products are per query head).
+    `heads` is the active output width of the block's query projection divided by its `head_dim`. Attention blocks
+    are the modules with a `head_dim` attribute (transformers' attention modules); their query/key/value
+    projections are found by the elastic config's `head_modules` suffixes (default q_proj, k_proj, v_proj).
+
+    Not counted: embedding lookups (0 MACs), element-wise work (norms, activations, rotary embeddings, residuals,
+    softmax, biases), adapters (merged). A module called twice per forward is counted once per place it is
+    registered. Raises ValueError for a bad subnetwork (as `count_parameters`), `seq_len < 1`, or an attention
+    module whose projections are not named like that (e.g. fused `c_attn`).
+    """
+    _check_count("seq_len", seq_len, 1)
+    root, widths, qkv = _deployed(model, subnetwork, adapter_name)
+    linear = attention = 0
+    for name, module in _modules(root):
+        shape = _linear_shape(name, module, widths)
+        if shape is not None:
+            linear += seq_len * shape[0] * shape[1]
+        head_dim = getattr(module, "head_dim", None)
+        if head_dim is None:
+            continue
+        if not all(isinstance(getattr(module, suffix, None), nn.Module) for suffix in qkv):
+            raise ValueError(
+                f"count_macs counts the heads of attention module {name!r} ({type(module).__name__}, it has a "
+                f"head_dim) from its query projection, which needs the children {list(qkv)}; it has "
+                f"{[n for n, _ in module.named_children()]}. Fused projections are not supported."
+            )
+        query = f"{name}.{qkv[0]}" if name else qkv[0]
+        q_width, _ = _linear_shape(query, module.get_submodule(qkv[0]), widths)
+        heads = q_width // head_dim
+        attention += 2 * seq_len * seq_len * heads * head_dim
+    return linear + attention
+
+
+def subnetwork_cost(
+    model: nn.Module,
+    subnetwork: Mapping[str, int] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    adapter_name: str | None = None,
+) -> Cost:
+    """`Cost(params=count_parameters(...), macs=count_macs(...))` of `subnetwork` (default: the active one)."""
+    return Cost(
+        params=count_parameters(model, subnetwork, adapter_name),
+        macs=count_macs(model, subnetwork, seq_len, adapter_name),
+    )
+
+
+# ------------------------------------------------------------------------------------------ measured latency
+
+
+def measure_latency(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    *,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> Latency:
+    """Time `model(input_ids)`: `warmup` calls that are discarded, then `repeats` timed ones (`time.perf_counter`,
+    seconds), in eval mode under `torch.no_grad()`. Every module's training flag is restored afterwards.
+
+    `model`: any module called with a `(batch, seq)` tensor of token ids — a PeftModel with its subnetwork set (with
+    unmerged adapters it also times the LoRA products), or the exported plain model. `input_ids`: the tokens to use;
+    without them, random ones (fixed seed) of shape `(batch_size, seq_len)`, default `(1, DEFAULT_SEQ_LEN)`, drawn
+    from the model's input-embedding vocabulary and put on the embeddings' device.
+    """
+    _check_count("warmup", warmup, 0)
+    _check_count("repeats", repeats, 1)
+    if input_ids is None:
+        input_ids = _random_tokens(model, seq_len, batch_size)
+    elif seq_len is not None or batch_size is not None:
+        raise ValueError(
+            f"Pass either input_ids or seq_len/batch_size, not both (got input_ids of shape {tuple(input_ids.shape)}, "
+            f"seq_len={seq_len!r}, batch_size={batch_size!r})."
+        )
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for index in range(warmup + repeats):
+                start = time.perf_counter()
+                model(input_ids)
+                if input_ids.device.type == "cuda":  # kernels run asynchronously: wait for them
+                    torch.cuda.synchronize(input_ids.device)
+                if index >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return Latency(median=statistics.median(times), min=min(times), times=tuple(times))
+
+
+def _random_tokens(model: nn.Module, seq_len: int | None, batch_size: int | None) -> torch.Tensor:
+    seq_len = _check_count("seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
+    batch_size = _check_count("batch_size", 1 if batch_size is None else batch_size, 1)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(
+            f"Cannot draw token ids for a {type(model).__name__}: it has no get_input_embeddings() returning an "
+            "nn.Embedding; pass input_ids."
+        )
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(embeddings.num_embeddings, (batch_size, seq_len), generator=generator)
+    return tokens.to(embeddings.weight.device)
