@@ -4,7 +4,8 @@ The adapters are folded into the base at the subnetwork's ranks, and every adapt
 and columns of the subnetwork's widths: the first MLP channels and the first attention heads (and their key/value
 heads). When every layer has the same width and the same number of heads, the checkpoint is a standard one whose
 config says so (`intermediate_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`), and
-`AutoModelForCausalLM.from_pretrained` loads it. Otherwise the config records each module's shape
+`AutoModelForCausalLM.from_pretrained` loads it. Otherwise — or when transformers' config validation refuses those
+sizes (a hidden size that is not a multiple of the number of heads) — the config records each module's shape
 (`peft_elastic_shapes`) and one line loads it: `peft_elastic.load_compressed_model(path)`.
 """
 
@@ -76,10 +77,25 @@ def compressed_state(
         candidate = copy.deepcopy(config)
         for key, value in uniform.items():
             setattr(candidate, key, value)
-        if _fits(candidate, state):
+        if _valid(candidate) and _fits(candidate, state):
             return candidate, state, shapes
     setattr(config, SHAPES_KEY, {name: list(shape) for name, shape in shapes.items()})
     return config, state, shapes
+
+
+def _valid(config) -> bool:
+    """Whether transformers accepts `config` (its validators refuse, e.g., a hidden size that is not a multiple of
+    the number of heads, even with an explicit `head_dim`)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return True
+    try:
+        validate()
+    except (StrictDataclassError, ValueError):
+        return False
+    return True
 
 
 def _fits(config, state: dict[str, torch.Tensor]) -> bool:

@@ -117,3 +117,26 @@ def test_qa_sparse_peft_step_quick_run_writes_its_section(tmp_path):
     assert "qzeros, scales and g_idx bit-identical after the merge" in text
     assert "unmerge restored qweight exactly" in text
     assert "qa_sparse_peft / lora = " in text and ("meets the goal of <= 2.0" in text or "misses the goal" in text)
+
+
+def test_mode_b_export_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    args = ["--quick", "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "mode_b_export.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    name = "mode_b_export_quick_seq128"
+    assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
+    assert f"`python benchmarks/mode_b_export.py {' '.join(args)}`" in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    rows = {row[0][2:]: row[1:6] for row in cells[1:]}
+    # quick Llama: hidden 64, intermediate 128, 4 heads over 2 KV heads of 16, 2 layers, vocab 128 (untied head);
+    # widths [1.0, 0.75, 0.5] of 128 and heads [4, 2]: the heuristic keeps 96 channels and 4 heads
+    assert rows == {
+        "base": ["128", "4/2", "90,432", "73,984", "1.000"],
+        "maximal": ["128", "4/2", "90,432", "73,984", "1.000"],
+        "heuristic": ["96", "4/2", "78,144", "61,696", "0.834"],
+        "minimal": ["64", "2/1", "53,568", "37,120", "0.502"],
+    }
+    assert "the cost model's parameter count equals the exported model's: yes" in text
