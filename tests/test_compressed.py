@@ -81,3 +81,24 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="needs a PeftModel with an elastic adapter"):
         export_compressed_model(model.get_base_model(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_sizes_transformers_refuses_fall_back_to_per_module_shapes(input_ids, tmp_path):
+    """6 heads of 8 in a hidden size of 64: uniform, but transformers' config validation wants the hidden size to be
+    a multiple of the number of heads, so the export records per-module shapes."""
+    from peft import get_peft_model
+
+    from peft_elastic import ElasticLoraConfig
+    from peft_elastic.toy import tiny_llama
+
+    base = tiny_llama(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    config = ElasticLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], head_choices=[8, 6])
+    model = get_peft_model(base, config)
+    peft_elastic.set_subnetwork(model, peft_elastic.minimal_subnetwork(model))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    export_compressed_model(model, tmp_path / "small")
+    saved = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert saved["num_attention_heads"] == 8 and saved[SHAPES_KEY]["model.layers.0.self_attn.q_proj"] == [48, 64]
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed_model(tmp_path / "small")(input_ids).logits, expected)
