@@ -2,8 +2,9 @@
 
 The adapters are folded into the base at the subnetwork's ranks, and every adapted linear layer keeps only the rows
 and columns of the subnetwork's widths: the first MLP channels and the first attention heads (and their key/value
-heads). When every layer has the same width and the same number of heads, the checkpoint is a standard one whose
-config says so (`intermediate_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`), and
+heads). Decoder blocks the subnetwork drops are left out and the others renumbered. When every layer has the same
+width and the same number of heads, the checkpoint is a standard one whose config says so (`intermediate_size`,
+`num_attention_heads`, `num_key_value_heads`, `head_dim`, `num_hidden_layers`), and
 `AutoModelForCausalLM.from_pretrained` loads it. Otherwise — or when transformers' config validation refuses those
 sizes (a hidden size that is not a multiple of the number of heads) — the config records each module's shape
 (`peft_elastic_shapes`) and one line loads it: `peft_elastic.load_compressed_model(path)`.
@@ -21,8 +22,8 @@ from peft import PeftModel
 from torch import nn
 
 from .io import staged_directory
-from .subnetwork import _groups, _validated, module_ranks, module_widths
-from .tuners.elastic_lora.space import WidthGroup
+from .subnetwork import _groups, _validated, dropped_blocks, module_ranks, module_widths
+from .tuners.elastic_lora.space import BlockGroup, WidthGroup, decoder_blocks
 
 #: The config attribute that records per-module shapes `{module name: [out, in]}` of a non-uniform export.
 SHAPES_KEY = "peft_elastic_shapes"
@@ -72,6 +73,9 @@ def compressed_state(
                 continue
             state[key.replace(".base_layer.", ".")] = value
     config = copy.deepcopy(base.config)
+    dropped = dropped_blocks(model, chosen, adapter_name)
+    if dropped:
+        state, shapes = _without_blocks(base, config, dropped, state, shapes)
     uniform = _uniform_sizes(groups, chosen, adapter_name)
     if uniform is not None:
         candidate = copy.deepcopy(config)
@@ -81,6 +85,32 @@ def compressed_state(
             return candidate, state, shapes
     setattr(config, SHAPES_KEY, {name: list(shape) for name, shape in shapes.items()})
     return config, state, shapes
+
+
+def _without_blocks(base, config, dropped: list[str], state: dict, shapes: dict) -> tuple[dict, dict]:
+    """`state` and `shapes` without the `dropped` decoder blocks, the others renumbered from 0; `config` updated
+    (`num_hidden_layers`, and `layer_types` where the config has one)."""
+    list_name, blocks = decoder_blocks(base)
+    drop = {int(name.rsplit(".", 1)[1]) for name in dropped}
+    kept = [i for i in range(len(blocks)) if i not in drop]
+    new_index = {old: new for new, old in enumerate(kept)}
+    prefix = f"{list_name}."
+
+    def rename(key: str) -> str | None:
+        if not key.startswith(prefix):
+            return key
+        index, _, rest = key[len(prefix) :].partition(".")
+        if int(index) in drop:
+            return None
+        return f"{prefix}{new_index[int(index)]}.{rest}" if rest else f"{prefix}{new_index[int(index)]}"
+
+    state = {rename(key): value for key, value in state.items() if rename(key) is not None}
+    shapes = {rename(key): value for key, value in shapes.items() if rename(key) is not None}
+    config.num_hidden_layers = len(kept)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(blocks):
+        config.layer_types = [layer_types[i] for i in kept]
+    return state, shapes
 
 
 def _valid(config) -> bool:
@@ -115,7 +145,7 @@ def _uniform_sizes(groups, chosen, adapter_name) -> dict[str, int] | None:
     sizes: dict[str, set[int]] = {"width": set(), "heads": set()}
     found: dict[str, list[WidthGroup]] = {"width": [], "heads": []}
     for name, group in groups.items():
-        if isinstance(group, WidthGroup):
+        if isinstance(group, WidthGroup) and not isinstance(group, BlockGroup):
             sizes[group.kind].add(chosen.get(name, group.value(adapter_name)))
             found[group.kind].append(group)
     update: dict[str, int] = {}

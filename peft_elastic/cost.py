@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .quantization.layers import is_gptq_layer
-from .subnetwork import _resolve, _tuner, module_widths
+from .subnetwork import _resolve, _tuner, dropped_blocks, module_widths
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
 
 #: Sequence length of `count_macs` and of the inputs `measure_latency` makes, unless given.
@@ -52,24 +52,30 @@ class Latency:
 
 def _deployed(
     model: nn.Module, subnetwork: Mapping[str, int] | None, adapter_name: str | None
-) -> tuple[nn.Module, dict[str, tuple[int, int]], tuple[str, ...]]:
+) -> tuple[nn.Module, dict[str, tuple[int, int]], tuple[str, ...], frozenset[str]]:
     """The module tree to walk, `{module name: (out, in)}` of its elastic layers under `subnetwork` (names relative
-    to that tree) and the query/key/value suffixes of its attention blocks."""
+    to that tree), the query/key/value suffixes of its attention blocks and the decoder blocks it drops."""
     try:
         tuner = _tuner(model)
     except ValueError:  # no elastic adapter: everything at full size
         if subnetwork is not None or adapter_name is not None:
             raise
         root = model.get_base_model() if isinstance(model, PeftModel) else model
-        return root, {}, DEFAULT_HEAD_MODULES[0]
+        return root, {}, DEFAULT_HEAD_MODULES[0], frozenset()
     _, adapter_name, config = _resolve(tuner, adapter_name)
-    return tuner.model, module_widths(tuner, subnetwork, adapter_name), tuple(config.head_modules[0])
+    dropped = frozenset(dropped_blocks(tuner, subnetwork, adapter_name))
+    return tuner.model, module_widths(tuner, subnetwork, adapter_name), tuple(config.head_modules[0]), dropped
 
 
-def _modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def _modules(
+    module: nn.Module, prefix: str = "", skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, nn.Module]]:
     """`(name, module)` of every module of the deployed model, adapter wrappers collapsed: a layer wrapped by an
     adapter is one leaf (its adapter weights get merged), a `modules_to_save` wrapper its original module (the
-    trained copy that replaces it has the same shapes). A module registered at two places is yielded twice."""
+    trained copy that replaces it has the same shapes). A module registered at two places is yielded twice. The
+    subtrees named in `skip` (dropped decoder blocks) are left out."""
+    if prefix in skip:
+        return
     yield prefix, module
     if isinstance(module, BaseTunerLayer):
         return
@@ -78,7 +84,7 @@ def _modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Modu
     else:
         children = module.named_children()
     for name, child in children:
-        yield from _modules(child, f"{prefix}.{name}" if prefix else name)
+        yield from _modules(child, f"{prefix}.{name}" if prefix else name, skip)
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -124,10 +130,10 @@ def count_parameters(
     (then `subnetwork` and `adapter_name` must be None). Raises ValueError for a subnetwork that does not fit the
     model (unknown group names or choices, as `set_subnetwork`).
     """
-    root, widths, _ = _deployed(model, subnetwork, adapter_name)
+    root, widths, _, dropped = _deployed(model, subnetwork, adapter_name)
     counted: set[int] = set()  # ids of the tensors (or GPTQ layers) already counted
     total = 0
-    for name, module in _modules(root):
+    for name, module in _modules(root, skip=dropped):
         layer = _unwrapped(module)
         shape = _linear_shape(name, module, widths)
         if shape is not None:
@@ -169,9 +175,9 @@ def count_macs(
     module whose projections are not named like that (e.g. fused `c_attn`).
     """
     _check_count("seq_len", seq_len, 1)
-    root, widths, qkv = _deployed(model, subnetwork, adapter_name)
+    root, widths, qkv, dropped = _deployed(model, subnetwork, adapter_name)
     linear = attention = 0
-    for name, module in _modules(root):
+    for name, module in _modules(root, skip=dropped):
         shape = _linear_shape(name, module, widths)
         if shape is not None:
             linear += seq_len * shape[0] * shape[1]

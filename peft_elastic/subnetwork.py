@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 from .tuners.elastic_lora.config import ElasticLoraConfig
-from .tuners.elastic_lora.space import RankGroup, WidthGroup, rank_groups, width_groups
+from .tuners.elastic_lora.space import BlockGroup, RankGroup, WidthGroup, block_groups, rank_groups, width_groups
 
 Subnetwork = dict[str, int]
 
@@ -53,11 +53,23 @@ def _resolve(model: nn.Module, adapter_name: str | None) -> tuple[nn.Module, str
 
 
 def _groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup | WidthGroup]]:
-    """Every group of the search space: the rank groups, then the width groups (Mode B)."""
+    """Every group of the search space: the rank groups, then the width groups and droppable blocks (Mode B)."""
     tuner, adapter_name, config = _resolve(model, adapter_name)
-    return adapter_name, rank_groups(tuner.model, config, adapter_name) | width_groups(
-        tuner.model, config, adapter_name
-    )
+    groups = rank_groups(tuner.model, config, adapter_name) | width_groups(tuner.model, config, adapter_name)
+    return adapter_name, groups | block_groups(tuner.model, config, adapter_name)
+
+
+def dropped_blocks(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> list[str]:
+    """The names of the decoder blocks `subnetwork` (default: the active one) drops (Mode B, `droppable_layers`)."""
+    adapter_name, groups = _groups(model, adapter_name)
+    chosen = _validated(subnetwork or {}, groups)
+    return [
+        group.block_name
+        for name, group in groups.items()
+        if isinstance(group, BlockGroup) and chosen.get(name, group.value(adapter_name)) == 0
+    ]
 
 
 def _rank_groups(model: nn.Module, adapter_name: str | None) -> tuple[str, dict[str, RankGroup]]:

@@ -168,9 +168,31 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
+    droppable_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Mode B (Sukthanker et al.): indices of the decoder blocks a subnetwork may drop; each becomes a "
+                "group '<blocks>.<i>:block' with choices [1, 0] (keep, drop). Each needs an adapted module inside "
+                "it, and at least one block must stay. None: every block stays."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.ELASTIC_LORA
+        if self.droppable_layers is not None:
+            layers = self.droppable_layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise ValueError(f"droppable_layers must be a list of decoder block indices, got {layers!r}.")
+            layers = list(layers)
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or not layers or len(set(layers)) != len(layers):
+                raise ValueError(
+                    f"droppable_layers must be a non-empty list of distinct block indices >= 0, got {layers!r}."
+                )
+            self.droppable_layers = sorted(layers)
         if self.width_choices is not None:
             self.width_choices = validate_width_choices(self.width_choices, "width_choices")
         if self.head_choices is not None:

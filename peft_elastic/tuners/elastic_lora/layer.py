@@ -29,6 +29,7 @@ class LoraA(nn.Linear):
 
     active_rank: int
     active_out: int | None = None
+    block_dropped: bool = False  # the adapter drops the decoder block of this layer (read by the block's hook)
 
     @classmethod
     def sharing(cls, linear: nn.Linear) -> LoraA:
@@ -45,17 +46,21 @@ class LoraA(nn.Linear):
         return F.linear(x, weight)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The active rank (a scalar), or `[rank, output width]` when the layer is narrowed."""
+        """The active rank (a scalar); `[rank, output width]` when the layer is narrowed; `[rank, output width or 0,
+        1]` when its block is dropped."""
+        if self.block_dropped:
+            return torch.tensor([self.active_rank, self.active_out or 0, 1], dtype=torch.int64)
         if self.active_out is None:
             return torch.tensor(self.active_rank, dtype=torch.int64)
         return torch.tensor([self.active_rank, self.active_out], dtype=torch.int64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         values = [int(v) for v in torch.as_tensor(state).reshape(-1)]
-        if not 1 <= len(values) <= 2 or not 0 < values[0] <= self.out_features:
+        if not 1 <= len(values) <= 3 or not 0 < values[0] <= self.out_features:
             raise ValueError(f"Saved state {values} does not fit a LoRA A factor of rank {self.out_features}.")
         self.active_rank = values[0]
-        self.active_out = values[1] if len(values) == 2 else None
+        self.active_out = (values[1] or None) if len(values) >= 2 else None
+        self.block_dropped = len(values) == 3 and bool(values[2])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, active_rank={self.active_rank}"

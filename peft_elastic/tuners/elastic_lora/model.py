@@ -14,7 +14,7 @@ from ...quantization.layers import is_gptq_layer, pin_standard_layout, save_in_c
 from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .layer import Linear
-from .space import rank_groups, width_groups
+from .space import block_groups, rank_groups, width_groups
 
 
 def _elastic_class(base_layer: nn.Module) -> type | None:
@@ -88,6 +88,7 @@ class ElasticLoraModel(LoraModel):
         super()._post_injection_hook(model, config, adapter_name)
         rank_groups(model, config, adapter_name)  # fail early on inconsistent groups or width choices
         width_groups(model, config, adapter_name)
+        block_groups(model, config, adapter_name)  # also installs the blocks' skip hooks
 
     def _check_merge_allowed(self) -> None:
         if getattr(self.model, "quantization_method", None) == "gptq":

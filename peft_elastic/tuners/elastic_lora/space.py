@@ -231,3 +231,96 @@ class _HeadGroup(WidthGroup):
         }
         consumer_in = value * self.producers[0][2]
         return out | {name: (None, consumer_in) for name, _ in self.consumers}
+
+
+# ---------------------------------------------------------------------------------------------- blocks (Mode B)
+
+
+@dataclass(frozen=True)
+class BlockGroup(WidthGroup):
+    """A decoder block a subnetwork may drop (choices 1: keep, 0: drop). The choice is kept, per adapter, by the
+    first adapted layer inside the block (`holder`); a forward hook on the block returns its input when it is
+    dropped. The block still runs inside the super-network (so its key/value cache stays in step); the exported model
+    does not contain it."""
+
+    block_name: str = ""
+    holder: ElasticLoraLayer | None = None
+
+    def value(self, adapter_name: str) -> int:
+        return 0 if self.holder.lora_A[adapter_name].block_dropped else 1
+
+    def apply(self, adapter_name: str, value: int) -> None:
+        self.holder.lora_A[adapter_name].block_dropped = value == 0
+
+    def widths(self, value: int) -> dict[str, tuple[int | None, int | None]]:
+        return {}
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and list of `model`'s decoder blocks: its first `nn.ModuleList` of `config.num_hidden_layers`
+    modules."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and count is not None and len(module) == count:
+            return name, module
+    raise ValueError(
+        f"droppable_layers needs the model's decoder blocks: no torch.nn.ModuleList of config.num_hidden_layers "
+        f"({count}) modules was found in this {type(model).__name__}."
+    )
+
+
+def block_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> dict[str, BlockGroup]:
+    """The droppable blocks of `adapter_name` (`config.droppable_layers`), installing their skip hooks once."""
+    if not config.droppable_layers:
+        return {}
+    list_name, blocks = decoder_blocks(model)
+    outside = [i for i in config.droppable_layers if i >= len(blocks)]
+    if outside:
+        raise ValueError(
+            f"droppable_layers {outside} are outside the model's {len(blocks)} decoder blocks (0..{len(blocks) - 1})."
+        )
+    if len(config.droppable_layers) == len(blocks):
+        raise ValueError(
+            f"droppable_layers lists every one of the {len(blocks)} decoder blocks: a subnetwork must keep at least "
+            "one; leave one out."
+        )
+    groups = {}
+    for index in config.droppable_layers:
+        block_name = f"{list_name}.{index}" if list_name else str(index)
+        block = blocks[index]
+        holders = [
+            (name, m)
+            for name, m in block.named_modules()
+            if isinstance(m, ElasticLoraLayer) and adapter_name in m.lora_A
+        ]
+        if not holders:
+            raise ValueError(
+                f"Decoder block {block_name!r} (droppable_layers) has no module adapted by {adapter_name!r}; a "
+                "droppable block needs one (it keeps the choice): add one of its modules to target_modules."
+            )
+        holder_name, holder = holders[0]
+        if getattr(block, "_peft_elastic_skip", None) is None:
+            block.register_forward_hook(_skip_dropped_block, with_kwargs=True)
+        block._peft_elastic_skip = holder_name
+        groups[f"{block_name}:block"] = BlockGroup(
+            name=f"{block_name}:block",
+            kind="block",
+            choices=(1, 0),
+            producers=(),
+            consumers=(),
+            block_name=block_name,
+            holder=holder,
+        )
+    return groups
+
+
+def _skip_dropped_block(block: nn.Module, args, kwargs, output):
+    """Forward hook of a droppable block: its input instead of its output when an active adapter drops it. A plain
+    function that finds its state through the block itself, so copies of the model keep working."""
+    holder = block.get_submodule(block._peft_elastic_skip)
+    if not isinstance(holder, ElasticLoraLayer) or holder.disable_adapters:
+        return None
+    if not any(holder.lora_A[a].block_dropped for a in holder.active_adapters if a in holder.lora_A):
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
