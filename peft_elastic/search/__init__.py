@@ -1,0 +1,10 @@
+"""Search for Pareto-optimal subnetworks of a trained super-network: `run_search` with interchangeable strategies
+(heuristic, random, hill-climbing, NSGA-II, multi-objective TPE) on optuna, evaluators, and `SearchResult`.
+Needs the `search` extra (optuna, matplotlib)."""
+
+from .evaluators import LossEvaluator
+from .result import SearchResult
+from .run import COSTS, run_search
+from .strategies import STRATEGIES
+
+__all__ = ["COSTS", "STRATEGIES", "LossEvaluator", "SearchResult", "run_search"]

@@ -1,0 +1,236 @@
+"""`run_search`: find Pareto-optimal subnetworks of a trained super-network (metric vs cost), switching subnetworks
+in memory, resumable through an optuna storage."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from ..cost import count_macs, count_parameters
+from ..subnetwork import (
+    get_subnetwork,
+    heuristic_subnetwork,
+    maximal_subnetwork,
+    minimal_subnetwork,
+    search_space,
+    set_subnetwork,
+)
+from .result import SearchResult
+from .strategies import STRATEGIES, _key, hill_climb_proposal, optuna_sampler
+
+COSTS = ("params", "macs")
+DIRECTIONS = ("minimize", "maximize")
+
+
+def run_search(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    strategy: str = "nsga2",
+    cost: str | Callable[[nn.Module, Mapping[str, int]], float] = "params",
+    n_trials: int = 100,
+    seed: int = 0,
+    storage: str | None = None,
+    *,
+    direction: str | None = None,
+    study_name: str | None = None,
+    adapter_name: str | None = None,
+    seq_len: int = 128,
+    population_size: int | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search the subnetworks of `model` (a PeftModel with an elastic adapter) for the best trade-offs between
+    `evaluate(model)` (a float; its `direction` attribute, else `direction=`, says whether lower or higher is better)
+    and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`, or a callable
+    `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` counts every evaluated subnetwork
+    of the study, so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues up to
+    it without repeating finished trials. The model's active subnetwork is restored at the end."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown search strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
+    if not callable(cost) and cost not in COSTS:
+        raise ValueError(
+            f"Unknown cost {cost!r}; use one of {list(COSTS)} or a callable (model, subnetwork) -> float."
+        )
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials must be an int >= 1, got {n_trials!r}.")
+    if not callable(evaluate):
+        raise ValueError(f"evaluate must be a callable model -> float (e.g. LossEvaluator(...)), got {evaluate!r}.")
+    direction = direction or getattr(evaluate, "direction", None) or "minimize"
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}.")
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search_space(model, adapter_name)
+    distributions = {name: CategoricalDistribution(choices) for name, choices in space.items()}
+    seeds = {
+        "maximal": maximal_subnetwork(model, adapter_name),
+        "heuristic": heuristic_subnetwork(model, adapter_name),
+        "minimal": minimal_subnetwork(model, adapter_name),
+    }
+    cost_name = cost if isinstance(cost, str) else getattr(cost, "__name__", "custom")
+    signature = {"space": space, "direction": direction, "cost": cost_name}
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name or f"peft_elastic-{strategy}",
+        directions=[direction, "minimize"],
+        sampler=optuna_sampler(strategy, seed, population_size),
+        load_if_exists=True,
+    )
+    saved = study.user_attrs.get("signature")
+    if saved is None:
+        study.set_user_attr("signature", json.loads(json.dumps(signature)))
+        for name in ("maximal", "heuristic") if strategy == "heuristic" else ("maximal", "heuristic", "minimal"):
+            study.enqueue_trial(seeds[name], skip_if_exists=True)
+    elif saved != json.loads(json.dumps(signature)):
+        raise ValueError(
+            f"The storage's study {study.study_name!r} belongs to a different search (its search space, metric "
+            "direction or cost differ from this one's); use another storage or study_name."
+        )
+    if strategy == "heuristic":
+        n_trials = min(n_trials, 2)
+
+    measure = _cost_function(cost, seq_len, adapter_name)
+    active = get_subnetwork(model, adapter_name)
+    rng = random.Random(seed)
+    timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0}
+    started = time.perf_counter()
+    bar = _progress(progress, n_trials, _finished(study))
+    try:
+        while _finished(study) < n_trials:
+            if strategy == "hill_climb" and not study.get_trials(deepcopy=False, states=_waiting()):
+                proposal = _hill_climb_next(study, space, direction, rng)
+                if proposal is None:
+                    break  # every neighbour of the Pareto front has been evaluated
+                study.enqueue_trial(proposal)
+            trial = study.ask(distributions)
+            subnetwork = {name: trial.params[name] for name in space}
+            known = _known_values(study, space).get(_key(subnetwork, space))
+            if known is not None:  # a sampler proposed a subnetwork already evaluated: no need to evaluate it again
+                study.tell(trial, known)
+                bar.update(1)
+                continue
+            tick = time.perf_counter()
+            set_subnetwork(model, subnetwork, adapter_name)
+            timing["switch_seconds"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            metric = evaluate(model)
+            timing["evaluate_seconds"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            value = measure(model, subnetwork)
+            timing["cost_seconds"] += time.perf_counter() - tick
+            timing["evaluations"] += 1
+            if isinstance(metric, bool) or not isinstance(metric, (int, float)) or not math.isfinite(metric):
+                trial.set_user_attr("failure", f"the evaluator returned {metric!r}")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, [float(metric), float(value)])
+            bar.update(1)
+    finally:
+        bar.close()
+        set_subnetwork(model, active, adapter_name)
+    timing["total_seconds"] = time.perf_counter() - started
+    timing["overhead_fraction"] = (
+        (timing["total_seconds"] - timing["evaluate_seconds"]) / timing["evaluate_seconds"]
+        if timing["evaluate_seconds"]
+        else None
+    )
+    return _result(study, space, direction, cost_name, strategy, seeds, timing)
+
+
+def _cost_function(cost, seq_len: int, adapter_name: str | None):
+    if callable(cost):
+        return cost
+    if cost == "params":
+        return lambda model, subnetwork: count_parameters(model, subnetwork, adapter_name)
+    return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
+
+
+def _known_values(study, space) -> dict[tuple, list[float]]:
+    """`{subnetwork key: [metric, cost]}` of the complete trials."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return {_key(t.params, space): list(t.values) for t in complete}
+
+
+def _finished(study) -> int:
+    import optuna
+
+    return len(
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
+    )
+
+
+def _waiting():
+    import optuna
+
+    return (optuna.trial.TrialState.WAITING,)
+
+
+def _hill_climb_next(study, space, direction: str, rng: random.Random) -> dict[str, int] | None:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    evaluated = {_key(t.params, space) for t in trials if len(t.params) == len(space)}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    sign = 1 if direction == "minimize" else -1
+    front, best = [], math.inf
+    for t in sorted(complete, key=lambda t: (t.values[1], sign * t.values[0], t.number)):
+        if sign * t.values[0] < best:
+            front.append({name: t.params[name] for name in space})
+            best = sign * t.values[0]
+    return hill_climb_proposal(front, evaluated, space, rng)
+
+
+def _result(study, space, direction, cost_name, strategy, seeds, timing) -> SearchResult:
+    import optuna
+
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        complete = t.state == optuna.trial.TrialState.COMPLETE
+        trials.append(
+            {
+                "number": t.number,
+                "subnetwork": {name: t.params[name] for name in space},
+                "metric": t.values[0] if complete else None,
+                "cost": t.values[1] if complete else None,
+                "state": "complete" if complete else "failed",
+                "seconds": seconds,
+            }
+        )
+    reference = next((t for t in trials if t["state"] == "complete" and t["subnetwork"] == seeds["maximal"]), None)
+    heuristic = next((t for t in trials if t["state"] == "complete" and t["subnetwork"] == seeds["heuristic"]), None)
+    return SearchResult(
+        trials=trials,
+        direction=direction,
+        cost_name=cost_name,
+        strategy=strategy,
+        reference=reference,
+        heuristic=heuristic,
+        timing=timing,
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="search", unit="trial")

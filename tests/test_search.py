@@ -1,0 +1,193 @@
+"""Subnetwork search: strategies on a synthetic problem with a known Pareto front, the result object, resume,
+evaluators and errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_elastic
+from peft_elastic import ElasticLoraConfig
+from peft_elastic.search import LossEvaluator, SearchResult, run_search
+from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def super_network():
+    return get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, rank_choices=[8, 6, 4], target_modules=TARGETS))
+
+
+class Synthetic:
+    """A metric (lower is better) that falls with every group's rank, with weights that differ by group, read from
+    the model's active subnetwork; with the adapter-parameter cost, its Pareto front is known by enumeration."""
+
+    direction = "minimize"
+
+    def __init__(self, model):
+        self.weights = {name: 1.0 + i for i, name in enumerate(peft_elastic.search_space(model))}
+        self.calls = 0
+
+    def value(self, subnetwork) -> float:
+        return sum(w * 8 / subnetwork[name] for name, w in self.weights.items())
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        return self.value(peft_elastic.get_subnetwork(model))
+
+
+def adapter_params(model, subnetwork) -> float:
+    return float(peft_elastic.num_adapter_parameters(model, subnetwork))
+
+
+def true_front(model, evaluator) -> set[tuple[float, float]]:
+    space = peft_elastic.search_space(model)
+    points = []
+    for values in itertools.product(*space.values()):
+        subnetwork = dict(zip(space, values, strict=True))
+        points.append((evaluator.value(subnetwork), adapter_params(model, subnetwork)))
+    return {p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return super_network()
+
+
+@pytest.mark.parametrize("strategy", ["random", "nsga2", "tpe", "hill_climb"])
+def test_every_strategy_finds_points_of_the_true_front(model, strategy):
+    evaluator = Synthetic(model)
+    front = true_front(model, evaluator)
+    active = peft_elastic.get_subnetwork(model)
+    result = run_search(model, evaluator, strategy=strategy, cost=adapter_params, n_trials=30, seed=0, progress=False)
+    assert peft_elastic.get_subnetwork(model) == active  # restored
+    assert len(result.trials) == 30 and all(t["state"] == "complete" for t in result.trials)
+    found = {(t["metric"], t["cost"]) for t in result.pareto_front()}
+    assert found & front  # it found Pareto-optimal points (the seeded maximal and minimal are two of them)
+    assert len(found & front) >= 3
+    # the maximal, heuristic and minimal subnetworks were evaluated first
+    assert [t["subnetwork"] for t in result.trials[:3]] == [
+        peft_elastic.maximal_subnetwork(model),
+        peft_elastic.heuristic_subnetwork(model),
+        peft_elastic.minimal_subnetwork(model),
+    ]
+    assert result.reference["subnetwork"] == peft_elastic.maximal_subnetwork(model)
+    assert evaluator.calls == len(
+        {json.dumps(t["subnetwork"], sort_keys=True) for t in result.trials}
+    )  # no re-evaluation
+
+
+def test_nsga2_and_tpe_beat_random_on_hypervolume(model):
+    evaluator = Synthetic(model)
+    reference_point = (
+        evaluator.value(peft_elastic.minimal_subnetwork(model)) * 1.01,
+        adapter_params(model, peft_elastic.maximal_subnetwork(model)) * 1.01,
+    )
+    volumes = {}
+    for strategy in ("random", "nsga2", "tpe"):
+        volumes[strategy] = [
+            run_search(model, evaluator, strategy, adapter_params, n_trials=40, seed=seed, progress=False).hypervolume(
+                reference_point
+            )
+            for seed in range(3)
+        ]
+    mean = {strategy: sum(v) / len(v) for strategy, v in volumes.items()}
+    assert mean["nsga2"] > mean["random"] and mean["tpe"] > mean["random"], volumes
+
+
+def test_heuristic_strategy_and_the_selection_rule(model):
+    evaluator = Synthetic(model)
+    result = run_search(model, evaluator, "heuristic", adapter_params, n_trials=50, progress=False)
+    assert [t["subnetwork"] for t in result.trials] == [
+        peft_elastic.maximal_subnetwork(model),
+        peft_elastic.heuristic_subnetwork(model),
+    ]
+    maximal, heuristic = (t["metric"] for t in result.trials)
+    drop = heuristic / maximal - 1
+    assert result.best(max_metric_drop=drop + 1e-9)["subnetwork"] == peft_elastic.heuristic_subnetwork(model)
+    assert result.best(max_metric_drop=drop / 2)["subnetwork"] == peft_elastic.maximal_subnetwork(model)
+    with pytest.raises(ValueError, match="No trial is within"):
+        result.best(0.0, reference_metric=maximal / 2)
+    with pytest.raises(ValueError, match=r"max_metric_drop is a relative drop in \[0, 1\)"):
+        result.best(1.5)
+
+
+def test_result_json_round_trip_and_plots(model, tmp_path):
+    result = run_search(model, Synthetic(model), "random", adapter_params, n_trials=8, seed=1, progress=False)
+    path = result.save(tmp_path / "result.json")
+    again = SearchResult.load(path)
+    assert again == result and again.pareto_front() == result.pareto_front()
+    for plot in ("plot_pareto", "plot_progression"):
+        png = getattr(result, plot)(tmp_path / f"{plot}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert result.timing["evaluations"] == 8 and result.timing["switch_seconds"] >= 0
+
+
+def test_resume_continues_without_repeating(model, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    evaluator = Synthetic(model)
+    first = run_search(model, evaluator, "nsga2", adapter_params, n_trials=6, seed=0, storage=storage, progress=False)
+    calls = evaluator.calls
+    second = run_search(
+        model, evaluator, "nsga2", adapter_params, n_trials=12, seed=0, storage=storage, progress=False
+    )
+    assert len(second.trials) == 12 and second.trials[:6] == first.trials
+    assert evaluator.calls - calls <= 6  # only the new trials were evaluated
+    other = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, rank_choices=[8, 4], target_modules=TARGETS))
+    with pytest.raises(ValueError, match="belongs to a different search"):
+        run_search(other, Synthetic(other), "nsga2", adapter_params, n_trials=3, storage=storage, progress=False)
+
+
+def test_failed_evaluations_are_recorded_and_the_search_goes_on(model):
+    evaluator = Synthetic(model)
+
+    def sometimes_nan(m):
+        value = evaluator(m)
+        return math.nan if value > evaluator.value(peft_elastic.heuristic_subnetwork(m)) else value
+
+    result = run_search(model, sometimes_nan, "random", adapter_params, n_trials=12, seed=2, progress=False)
+    states = [t["state"] for t in result.trials]
+    assert len(states) == 12 and "failed" in states and "complete" in states
+    assert all(t["metric"] is None for t in result.trials if t["state"] == "failed")
+
+
+def test_search_errors(model):
+    evaluator = Synthetic(model)
+    cases = [
+        (dict(strategy="anneal"), r"Unknown search strategy 'anneal'; valid strategies: \['heuristic', 'random'"),
+        (dict(cost="flops"), r"Unknown cost 'flops'; use one of \['params', 'macs'\]"),
+        (dict(n_trials=0), r"n_trials must be an int >= 1, got 0"),
+        (dict(direction="up"), r"direction must be one of \['minimize', 'maximize'\], got 'up'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_search(model, evaluator, **({"progress": False} | kwargs))
+    with pytest.raises(ValueError, match="evaluate must be a callable"):
+        run_search(model, 3.0, progress=False)
+
+
+def test_loss_evaluator_and_the_cost_of_params():
+    texts = [p["prompt"] + p["completion"] for p in arithmetic_problems(12, seed=3)]
+    tok = train_tokenizer([p["prompt"] + p["completion"] for p in arithmetic_problems(400, seed=4)], vocab_size=96)
+    assert min(len(tok(t)["input_ids"]) for t in texts) >= 3
+    model = get_peft_model(tiny_llama(vocab_size=len(tok)), ElasticLoraConfig(r=8, target_modules=TARGETS))
+    evaluator = LossEvaluator(texts, tok, batch_size=5)  # padded batches, the pads masked out
+    loss = evaluator(model)
+    with torch.no_grad():
+        losses = [
+            model(**tok(t, return_tensors="pt"), labels=tok(t, return_tensors="pt")["input_ids"]).loss for t in texts
+        ]
+    counts = [len(tok(t)["input_ids"]) - 1 for t in texts]
+    expected = sum(float(value) * n for value, n in zip(losses, counts, strict=True)) / sum(counts)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert LossEvaluator(texts, tok, perplexity=True)(model) == pytest.approx(math.exp(loss), rel=1e-5)
+    result = run_search(model, evaluator, "heuristic", "params", progress=False)
+    base = model.get_base_model()
+    lora = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
+    assert result.trials[0]["cost"] == sum(p.numel() for p in base.parameters()) - lora  # the deployed model
+    assert result.trials[0]["metric"] == pytest.approx(loss)
