@@ -191,3 +191,55 @@ def test_loss_evaluator_and_the_cost_of_params():
     lora = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
     assert result.trials[0]["cost"] == sum(p.numel() for p in base.parameters()) - lora  # the deployed model
     assert result.trials[0]["metric"] == pytest.approx(loss)
+
+
+def test_resume_after_a_real_process_kill(model, tmp_path):
+    """A search process killed in the middle of its 5th trial: started again with the same storage, it keeps the 4
+    finished trials, evaluates the interrupted subnetwork again, and goes on to n_trials without repeating any."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    worker = Path(__file__).with_name("search_worker.py")
+    process = subprocess.Popen(
+        [sys.executable, str(worker), storage, "10", "5"],
+        cwd=worker.parent,
+        env=os.environ | {"PYTHONPATH": str(worker.parent)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="peft_elastic-nsga2", storage=storage).get_trials(deepcopy=False)
+            except KeyError:  # the study is not created yet
+                continue
+            states = [t.state for t in trials]
+            if states.count(optuna.trial.TrialState.COMPLETE) == 4 and optuna.trial.TrialState.RUNNING in states:
+                break
+            assert process.poll() is None, "the worker stopped before it could be killed"
+        else:
+            pytest.fail("the worker did not reach its 5th trial in time")
+        interrupted = next(t.params for t in trials if t.state == optuna.trial.TrialState.RUNNING)
+        finished = [(t.params, t.values) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+
+    evaluator = Synthetic(model)
+    result = run_search(
+        model, evaluator, "nsga2", adapter_params, n_trials=10, seed=0, storage=storage, progress=False
+    )
+    assert len(result.trials) == 10 and all(t["state"] == "complete" for t in result.trials)
+    assert [(t["subnetwork"], [t["metric"], t["cost"]]) for t in result.trials[:4]] == finished  # kept, in order
+    assert interrupted in [t["subnetwork"] for t in result.trials[4:]]  # evaluated again, not lost
+    assert evaluator.calls <= 6  # only the trials not finished before the kill were evaluated

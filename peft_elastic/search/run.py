@@ -92,6 +92,7 @@ def run_search(
             f"The storage's study {study.study_name!r} belongs to a different search (its search space, metric "
             "direction or cost differ from this one's); use another storage or study_name."
         )
+    _requeue_interrupted(study, space)
     if strategy == "heuristic":
         n_trials = min(n_trials, 2)
 
@@ -151,6 +152,27 @@ def _cost_function(cost, seq_len: int, adapter_name: str | None):
     return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
 
 
+def _requeue_interrupted(study, space) -> None:
+    """Trials left running by a process that died (one process per study): close them as failed without a
+    `failure` reason — which marks them as interrupted, not counted and not reported — and queue their subnetworks
+    again, so that nothing finished is repeated and nothing started is lost."""
+    import optuna
+
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        if len(trial.params) == len(space):
+            study.enqueue_trial({name: trial.params[name] for name in space}, skip_if_exists=False)
+
+
+def _counted(trial) -> bool:
+    """Complete trials, and trials failed by their evaluation (not interrupted ones)."""
+    import optuna
+
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return True
+    return trial.state == optuna.trial.TrialState.FAIL and "failure" in trial.user_attrs
+
+
 def _known_values(study, space) -> dict[tuple, list[float]]:
     """`{subnetwork key: [metric, cost]}` of the complete trials."""
     import optuna
@@ -160,11 +182,7 @@ def _known_values(study, space) -> dict[tuple, list[float]]:
 
 
 def _finished(study) -> int:
-    import optuna
-
-    return len(
-        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
-    )
+    return sum(_counted(t) for t in study.get_trials(deepcopy=False))
 
 
 def _waiting():
@@ -193,7 +211,7 @@ def _result(study, space, direction, cost_name, strategy, seeds, timing) -> Sear
 
     trials = []
     for t in study.get_trials(deepcopy=False):
-        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+        if not _counted(t):
             continue
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         complete = t.state == optuna.trial.TrialState.COMPLETE
