@@ -243,3 +243,57 @@ def test_resume_after_a_real_process_kill(model, tmp_path):
     assert [(t["subnetwork"], [t["metric"], t["cost"]]) for t in result.trials[:4]] == finished  # kept, in order
     assert interrupted in [t["subnetwork"] for t in result.trials[4:]]  # evaluated again, not lost
     assert evaluator.calls <= 6  # only the trials not finished before the kill were evaluated
+
+
+def test_extract_answer():
+    from peft_elastic.search import extract_answer
+
+    assert extract_answer("She has 3 apples.\n#### 1,234") == "1234"
+    assert extract_answer("so the answer is -7.5 dollars") == "-7.5"
+    assert extract_answer("#### 42 and then 7") == "42"
+    assert extract_answer("no number here") is None
+    assert extract_answer("x 12", pattern=None) == "12"
+
+
+class Arithmetic(torch.nn.Module):
+    """A stand-in model for the generation path: it reads each (left-padded) prompt "Q:a+b=?A:" and writes a+b —
+    wrongly (plus one) when a is odd — followed by end-of-sequence."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen_batches = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        assert not do_sample and bool((attention_mask[:, -1] == 1).all())  # left padding
+        self.seen_batches.append(input_ids.shape[0])
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).replace(" ", "")
+            a, b = (int(x) for x in prompt[2:].split("=")[0].split("+"))
+            answer = self.tokenizer(f"{a + b + (a % 2)}", add_special_tokens=False)["input_ids"]
+            rows.append(torch.cat([ids, torch.tensor(answer + [self.tokenizer.eos_token_id])]))
+        length = max(len(r) for r in rows)
+        return torch.stack([torch.nn.functional.pad(r, (0, length - len(r)), value=pad_token_id) for r in rows])
+
+
+def test_exact_match_evaluator_scores_generated_answers():
+    from peft_elastic.search import ExactMatchEvaluator
+
+    problems = arithmetic_problems(20, seed=5)
+    tok = train_tokenizer([p["prompt"] + p["completion"] for p in arithmetic_problems(400, seed=4)], vocab_size=96)
+    examples = [{"prompt": p["prompt"], "answer": "#### " + p["completion"]} for p in problems]
+    evaluator = ExactMatchEvaluator(examples, tok, batch_size=6)
+    model = Arithmetic(tok)
+    side = tok.padding_side
+    even = sum(int(p["prompt"][2:].split("+")[0]) % 2 == 0 for p in problems)
+    assert 0 < even < 20
+    assert evaluator(model) == pytest.approx(even / 20)
+    assert model.seen_batches == [6, 6, 6, 2] and tok.padding_side == side  # padding side restored
+    a, b = (int(x) for x in problems[0]["prompt"][2:].split("=")[0].split("+"))
+    assert evaluator.last_completions[0].replace(" ", "") == str(a + b + a % 2)
+    with pytest.raises(ValueError, match=r"Example 0 has no \['answer'\]"):
+        ExactMatchEvaluator([{"prompt": "x"}], tok)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
+        ExactMatchEvaluator(examples, tok, max_new_tokens=0)

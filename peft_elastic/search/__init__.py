@@ -2,9 +2,17 @@
 (heuristic, random, hill-climbing, NSGA-II, multi-objective TPE) on optuna, evaluators, and `SearchResult`.
 Needs the `search` extra (optuna, matplotlib)."""
 
-from .evaluators import LossEvaluator
+from .evaluators import ExactMatchEvaluator, LossEvaluator, extract_answer
 from .result import SearchResult
 from .run import COSTS, run_search
 from .strategies import STRATEGIES
 
-__all__ = ["COSTS", "STRATEGIES", "LossEvaluator", "SearchResult", "run_search"]
+__all__ = [
+    "COSTS",
+    "STRATEGIES",
+    "ExactMatchEvaluator",
+    "LossEvaluator",
+    "SearchResult",
+    "extract_answer",
+    "run_search",
+]

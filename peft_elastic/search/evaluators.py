@@ -1,9 +1,12 @@
-"""Evaluators: what a search measures for each subnetwork. Any callable `model -> float` works; `LossEvaluator` is
-the causal-LM loss (or perplexity) on a validation set, in bounded batches."""
+"""Evaluators: what a search measures for each subnetwork. Any callable `model -> float` works (give it a `direction`
+attribute, "minimize" or "maximize", or pass `direction=` to `run_search`). `LossEvaluator` is the causal-LM loss
+(or perplexity) on a validation set, in bounded batches; `ExactMatchEvaluator` the accuracy of greedily generated
+answers (GSM8K-style "#### 42")."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -87,3 +90,87 @@ def _rebatch(rows: list[dict[str, torch.Tensor]], batch_size: int, pad_id: int) 
             mask[i, : len(sequence)] = 1
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
+
+
+#: GSM8K's answer line ("#### 42"); `ExactMatchEvaluator` falls back to the last number of the completion.
+GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_answer(text: str, pattern: str | None = GSM8K_ANSWER) -> str | None:
+    """The answer in a generated `text`: the first group of `pattern` if it matches, else the last number in the
+    text (commas removed, a trailing ".0" kept as written), else None."""
+    if pattern is not None:
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1).replace(",", "")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+class ExactMatchEvaluator:
+    """The fraction of `examples` whose greedily generated answer equals the reference: each example is a dict (or a
+    `datasets.Dataset` row) with `prompt_column` and `answer_column`; the completion of at most `max_new_tokens`
+    tokens goes through `extract_answer` (GSM8K's "#### 42", else the last number), and so does the reference.
+    Batches of `batch_size`, left-padded. Higher is better (search direction "maximize")."""
+
+    direction = "maximize"
+
+    def __init__(
+        self,
+        examples,
+        tokenizer,
+        *,
+        prompt_column: str = "prompt",
+        answer_column: str = "answer",
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        answer_pattern: str | None = GSM8K_ANSWER,
+        num_samples: int | None = None,
+    ) -> None:
+        for label, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an int >= 1, got {value!r}.")
+        rows = list(examples)[:num_samples] if num_samples is not None else list(examples)
+        if not rows:
+            raise ValueError("ExactMatchEvaluator needs at least one example.")
+        for index, row in enumerate(rows):
+            missing = [c for c in (prompt_column, answer_column) if c not in row]
+            if missing:
+                raise ValueError(
+                    f"Example {index} has no {missing} (keys: {sorted(row)}); set prompt_column= / answer_column=."
+                )
+        self.prompts = [str(row[prompt_column]) for row in rows]
+        self.answers = [extract_answer(str(row[answer_column]), answer_pattern) for row in rows]
+        self.tokenizer, self.pattern = tokenizer, answer_pattern
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.last_completions: list[str] = []
+
+    def __call__(self, model: nn.Module) -> float:
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        was_training, side = model.training, tokenizer.padding_side
+        model.eval()
+        tokenizer.padding_side = "left"
+        completions = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(self.prompts), self.batch_size):
+                    encoded = tokenizer(
+                        self.prompts[start : start + self.batch_size], return_tensors="pt", padding=True
+                    )
+                    encoded = {k: v.to(next(model.parameters()).device) for k, v in encoded.items()}
+                    generated = model.generate(
+                        **encoded, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id
+                    )
+                    new = generated[:, encoded["input_ids"].shape[1] :]
+                    completions += tokenizer.batch_decode(new, skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        self.last_completions = completions
+        hits = sum(
+            extract_answer(text, self.pattern) == answer
+            for text, answer in zip(completions, self.answers, strict=True)
+        )
+        return hits / len(self.prompts)
