@@ -160,7 +160,7 @@ def test_search_errors(model):
     evaluator = Synthetic(model)
     cases = [
         (dict(strategy="anneal"), r"Unknown search strategy 'anneal'; valid strategies: \['heuristic', 'random'"),
-        (dict(cost="flops"), r"Unknown cost 'flops'; use one of \['params', 'macs'\]"),
+        (dict(cost="flops"), r"Unknown cost 'flops'; use one of \['params', 'macs', 'latency'\]"),
         (dict(n_trials=0), r"n_trials must be an int >= 1, got 0"),
         (dict(direction="up"), r"direction must be one of \['minimize', 'maximize'\], got 'up'"),
     ]
@@ -297,3 +297,24 @@ def test_exact_match_evaluator_scores_generated_answers():
         ExactMatchEvaluator([{"prompt": "x"}], tok)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
         ExactMatchEvaluator(examples, tok, max_new_tokens=0)
+
+
+def test_latency_and_macs_costs(model, monkeypatch):
+    from peft_elastic.cost import Latency
+    from peft_elastic.search import run as run_module
+
+    evaluator = Synthetic(model)
+    calls = []
+
+    def fake_latency(m, seq_len, warmup, repeats):  # the measurement runs with the trial's subnetwork active
+        calls.append((peft_elastic.get_subnetwork(m), seq_len))
+        return Latency(median=float(peft_elastic.num_adapter_parameters(m)), min=0.0, times=(0.0,))
+
+    monkeypatch.setattr(run_module, "measure_latency", fake_latency)
+    result = run_search(model, evaluator, "random", "latency", n_trials=5, seed=3, seq_len=16, progress=False)
+    assert [c[0] for c in calls] == [t["subnetwork"] for t in result.trials] and {c[1] for c in calls} == {16}
+    assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
+    result = run_search(model, evaluator, "heuristic", "macs", seq_len=16, progress=False)
+    assert result.trials[0]["cost"] == peft_elastic.count_macs(
+        model, peft_elastic.maximal_subnetwork(model), seq_len=16
+    )

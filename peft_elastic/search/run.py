@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from ..cost import count_macs, count_parameters
+from ..cost import count_macs, count_parameters, measure_latency
 from ..subnetwork import (
     get_subnetwork,
     heuristic_subnetwork,
@@ -23,7 +23,7 @@ from ..subnetwork import (
 from .result import SearchResult
 from .strategies import STRATEGIES, _key, hill_climb_proposal, optuna_sampler
 
-COSTS = ("params", "macs")
+COSTS = ("params", "macs", "latency")
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -45,7 +45,8 @@ def run_search(
 ) -> SearchResult:
     """Search the subnetworks of `model` (a PeftModel with an elastic adapter) for the best trade-offs between
     `evaluate(model)` (a float; its `direction` attribute, else `direction=`, says whether lower or higher is better)
-    and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`, or a callable
+    and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`; "latency", the median of 5
+    forward passes of `seq_len` tokens through the super-network with the subnetwork active; or a callable
     `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` counts every evaluated subnetwork
     of the study, so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues up to
     it without repeating finished trials. The model's active subnetwork is restored at the end."""
@@ -149,7 +150,11 @@ def _cost_function(cost, seq_len: int, adapter_name: str | None):
         return cost
     if cost == "params":
         return lambda model, subnetwork: count_parameters(model, subnetwork, adapter_name)
-    return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
+    if cost == "macs":
+        return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
+    # the super-network's forward with the subnetwork active (sliced, adapters unmerged): a proxy of the exported
+    # model's latency that needs no export
+    return lambda model, subnetwork: measure_latency(model, seq_len=seq_len, warmup=1, repeats=5).median
 
 
 def _requeue_interrupted(study, space) -> None:
