@@ -120,7 +120,13 @@ def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> S
 def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name: str | None = None) -> None:
     """Activate `subnetwork`. Groups it does not name keep their choice. Nothing changes if any entry is invalid."""
     adapter_name, groups = _groups(model, adapter_name)
-    for name, choice in _validated(subnetwork, groups).items():
+    apply_subnetwork(groups, _validated(subnetwork, groups), adapter_name)
+
+
+def apply_subnetwork(groups: Mapping[str, RankGroup | WidthGroup], subnetwork: Mapping[str, int], adapter_name: str):
+    """Activate an already validated `subnetwork` on the `groups` of `_groups` (the search computes the groups once
+    and switches subnetworks with this, without walking the model each time)."""
+    for name, choice in subnetwork.items():
         group = groups[name]
         if isinstance(group, WidthGroup):
             group.apply(adapter_name, choice)

@@ -140,3 +140,20 @@ def test_mode_b_export_quick_run_writes_its_section(tmp_path):
         "minimal": ["64", "2/1", "53,568", "37,120", "0.502"],
     }
     assert "the cost model's parameter count equals the exported model's: yes" in text
+
+
+def test_search_strategies_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    args = ["--quick", "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "search_strategies.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    name = "search_strategies_quick"
+    assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
+    assert f"`python benchmarks/search_strategies.py {' '.join(args)}`" in text
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert [row[0][2:] for row in cells[1:]] == ["random", "nsga2", "tpe", "hill_climb"]
+    # quick super-network: 2 layers x (5 rank groups + width + heads) = 14 groups; 3 choices each
+    assert "14 groups, 4.78e+06 subnetworks" in text
+    assert "Subnetwork switch: at most" in text and "Mean hypervolume:" in text

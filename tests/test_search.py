@@ -160,7 +160,7 @@ def test_search_errors(model):
     evaluator = Synthetic(model)
     cases = [
         (dict(strategy="anneal"), r"Unknown search strategy 'anneal'; valid strategies: \['heuristic', 'random'"),
-        (dict(cost="flops"), r"Unknown cost 'flops'; use one of \['params', 'macs', 'latency'\]"),
+        (dict(cost="flops"), r"Unknown cost 'flops'; use one of \['params', 'macs', 'latency', 'adapter_params'\]"),
         (dict(n_trials=0), r"n_trials must be an int >= 1, got 0"),
         (dict(direction="up"), r"direction must be one of \['minimize', 'maximize'\], got 'up'"),
     ]
@@ -313,6 +313,8 @@ def test_latency_and_macs_costs(model, monkeypatch):
     monkeypatch.setattr(run_module, "measure_latency", fake_latency)
     result = run_search(model, evaluator, "random", "latency", n_trials=5, seed=3, seq_len=16, progress=False)
     assert [c[0] for c in calls] == [t["subnetwork"] for t in result.trials] and {c[1] for c in calls} == {16}
+    assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
+    result = run_search(model, evaluator, "heuristic", "adapter_params", progress=False)
     assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
     result = run_search(model, evaluator, "heuristic", "macs", seq_len=16, progress=False)
     assert result.trials[0]["cost"] == peft_elastic.count_macs(

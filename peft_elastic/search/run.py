@@ -13,17 +13,20 @@ from torch import nn
 
 from ..cost import count_macs, count_parameters, measure_latency
 from ..subnetwork import (
+    _groups,
+    apply_subnetwork,
     get_subnetwork,
     heuristic_subnetwork,
     maximal_subnetwork,
     minimal_subnetwork,
+    num_adapter_parameters,
     search_space,
     set_subnetwork,
 )
 from .result import SearchResult
 from .strategies import STRATEGIES, _key, hill_climb_proposal, optuna_sampler
 
-COSTS = ("params", "macs", "latency")
+COSTS = ("params", "macs", "latency", "adapter_params")
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -46,10 +49,12 @@ def run_search(
     """Search the subnetworks of `model` (a PeftModel with an elastic adapter) for the best trade-offs between
     `evaluate(model)` (a float; its `direction` attribute, else `direction=`, says whether lower or higher is better)
     and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`; "latency", the median of 5
-    forward passes of `seq_len` tokens through the super-network with the subnetwork active; or a callable
-    `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` counts every evaluated subnetwork
-    of the study, so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues up to
-    it without repeating finished trials. The model's active subnetwork is restored at the end."""
+    forward passes of `seq_len` tokens through the super-network with the subnetwork active; "adapter_params", the
+    adapter parameters it uses (what Shears compares: with rank choices only, every subnetwork deploys as a model of
+    the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials`
+    counts every finished trial of the study, so a resumed search (same `storage`, an optuna URL such as
+    "sqlite:///search.db") continues up to it without repeating finished trials. The model's active subnetwork is
+    restored at the end."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown search strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
     if not callable(cost) and cost not in COSTS:
@@ -98,6 +103,7 @@ def run_search(
         n_trials = min(n_trials, 2)
 
     measure = _cost_function(cost, seq_len, adapter_name)
+    resolved_adapter, groups = _groups(model, adapter_name)
     active = get_subnetwork(model, adapter_name)
     rng = random.Random(seed)
     timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0}
@@ -118,7 +124,7 @@ def run_search(
                 bar.update(1)
                 continue
             tick = time.perf_counter()
-            set_subnetwork(model, subnetwork, adapter_name)
+            apply_subnetwork(groups, subnetwork, resolved_adapter)  # the sampled choices come from the space
             timing["switch_seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             metric = evaluate(model)
@@ -150,6 +156,8 @@ def _cost_function(cost, seq_len: int, adapter_name: str | None):
         return cost
     if cost == "params":
         return lambda model, subnetwork: count_parameters(model, subnetwork, adapter_name)
+    if cost == "adapter_params":
+        return lambda model, subnetwork: num_adapter_parameters(model, subnetwork, adapter_name)
     if cost == "macs":
         return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
     # the super-network's forward with the subnetwork active (sliced, adapters unmerged): a proxy of the exported
