@@ -119,17 +119,26 @@ def test_qa_sparse_peft_step_quick_run_writes_its_section(tmp_path):
     assert "qa_sparse_peft / lora = " in text and ("meets the goal of <= 2.0" in text or "misses the goal" in text)
 
 
-def test_mode_b_export_quick_run_writes_its_section(tmp_path):
-    results = tmp_path / "RESULTS.md"
+def quick_section(script: str, name: str, results) -> tuple[str, list[list[str]]]:
+    """Run `benchmarks/<script> --quick --results <results>`; check that it wrote its section once, with the command
+    that reproduces it; return the file's text and the cells of its table rows."""
     args = ["--quick", "--results", str(results)]
-    command = [sys.executable, str(ROOT / "benchmarks" / "mode_b_export.py"), *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     text = results.read_text()
-    name = "mode_b_export_quick_seq128"
     assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
-    assert f"`python benchmarks/mode_b_export.py {' '.join(args)}`" in text
-    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    assert f"`python benchmarks/{script} {' '.join(args)}`" in text
+    return text, [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_mode_b_export_quick_run_writes_its_section(tmp_path):
+    text, cells = quick_section("mode_b_export.py", "mode_b_export_quick_seq128", tmp_path / "RESULTS.md")
     rows = {row[0][2:]: row[1:6] for row in cells[1:]}
     # quick Llama: hidden 64, intermediate 128, 4 heads over 2 KV heads of 16, 2 layers, vocab 128 (untied head);
     # widths [1.0, 0.75, 0.5] of 128 and heads [4, 2]: the heuristic keeps 96 channels and 4 heads
@@ -143,16 +152,7 @@ def test_mode_b_export_quick_run_writes_its_section(tmp_path):
 
 
 def test_search_strategies_quick_run_writes_its_section(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    args = ["--quick", "--results", str(results)]
-    command = [sys.executable, str(ROOT / "benchmarks" / "search_strategies.py"), *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = results.read_text()
-    name = "search_strategies_quick"
-    assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
-    assert f"`python benchmarks/search_strategies.py {' '.join(args)}`" in text
-    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    text, cells = quick_section("search_strategies.py", "search_strategies_quick", tmp_path / "RESULTS.md")
     assert [row[0][2:] for row in cells[1:]] == ["random", "nsga2", "tpe", "hill_climb"]
     # quick super-network: 2 layers x (5 rank groups + width + heads) = 14 groups; 3 choices each
     assert "14 groups, 4.78e+06 subnetworks" in text
