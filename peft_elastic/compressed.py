@@ -237,5 +237,4 @@ def _build(config, dtype: torch.dtype) -> nn.Module:
 
 def _tied_keys(model: nn.Module) -> set[str]:
     """State-dict keys of weights tied to another one (transformers restores them by tying)."""
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    return set(keys) if not isinstance(keys, dict) else set(keys)
+    return set(getattr(model, "_tied_weights_keys", None) or ())

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .quantization.layers import is_gptq_layer
-from .subnetwork import _resolve, _tuner, dropped_blocks, module_widths
+from .subnetwork import _dropped, _groups, _resolve, _tuner, _validated, _widths
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
 
 #: Sequence length of `count_macs` and of the inputs `measure_latency` makes, unless given.
@@ -63,8 +63,10 @@ def _deployed(
         root = model.get_base_model() if isinstance(model, PeftModel) else model
         return root, {}, DEFAULT_HEAD_MODULES[0], frozenset()
     _, adapter_name, config = _resolve(tuner, adapter_name)
-    dropped = frozenset(dropped_blocks(tuner, subnetwork, adapter_name))
-    return tuner.model, module_widths(tuner, subnetwork, adapter_name), tuple(config.head_modules[0]), dropped
+    adapter_name, groups = _groups(tuner, adapter_name)  # walked once for the widths and the dropped blocks
+    chosen = _validated(subnetwork or {}, groups)
+    dropped = frozenset(_dropped(groups, chosen, adapter_name))
+    return tuner.model, _widths(groups, chosen, adapter_name), tuple(config.head_modules[0]), dropped
 
 
 def _modules(

@@ -64,7 +64,10 @@ def dropped_blocks(
 ) -> list[str]:
     """The names of the decoder blocks `subnetwork` (default: the active one) drops (Mode B, `droppable_layers`)."""
     adapter_name, groups = _groups(model, adapter_name)
-    chosen = _validated(subnetwork or {}, groups)
+    return _dropped(groups, _validated(subnetwork or {}, groups), adapter_name)
+
+
+def _dropped(groups, chosen: Mapping[str, int], adapter_name: str) -> list[str]:
     return [
         group.block_name
         for name, group in groups.items()
@@ -193,7 +196,10 @@ def module_widths(
     """`{module name: (output width, input width)}` of every adapted module under `subnetwork` (default: the active
     one): the full sizes, narrowed by the width groups (Mode B)."""
     adapter_name, groups = _groups(model, adapter_name)
-    chosen = _validated(subnetwork or {}, groups)
+    return _widths(groups, _validated(subnetwork or {}, groups), adapter_name)
+
+
+def _widths(groups, chosen: Mapping[str, int], adapter_name: str) -> dict[str, tuple[int, int]]:
     widths = {
         module_name: (layer.out_features, layer.in_features)
         for group in groups.values()

@@ -109,8 +109,10 @@ def run_search(
     timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0}
     started = time.perf_counter()
     bar = _progress(progress, n_trials, _finished(study))
+    known = _known_values(study, space)  # kept up to date below, instead of scanning every trial per trial
+    finished = _finished(study)
     try:
-        while _finished(study) < n_trials:
+        while finished < n_trials:
             if strategy == "hill_climb" and not study.get_trials(deepcopy=False, states=_waiting()):
                 proposal = _hill_climb_next(study, space, direction, rng)
                 if proposal is None:
@@ -118,9 +120,10 @@ def run_search(
                 study.enqueue_trial(proposal)
             trial = study.ask(distributions)
             subnetwork = {name: trial.params[name] for name in space}
-            known = _known_values(study, space).get(_key(subnetwork, space))
-            if known is not None:  # a sampler proposed a subnetwork already evaluated: no need to evaluate it again
-                study.tell(trial, known)
+            values = known.get(_key(subnetwork, space))
+            if values is not None:  # a sampler proposed a subnetwork already evaluated: no need to evaluate it again
+                study.tell(trial, values)
+                finished += 1
                 bar.update(1)
                 continue
             tick = time.perf_counter()
@@ -137,7 +140,9 @@ def run_search(
                 trial.set_user_attr("failure", f"the evaluator returned {metric!r}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
-                study.tell(trial, [float(metric), float(value)])
+                known[_key(subnetwork, space)] = [float(metric), float(value)]
+                study.tell(trial, known[_key(subnetwork, space)])
+            finished += 1
             bar.update(1)
     finally:
         bar.close()
