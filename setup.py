@@ -10,8 +10,8 @@ extras = {
     "eval": ["lm-eval>=0.4.5"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
-# What the test suite needs: the quantized backends and the search libraries it tests, pytest and ruff.
-extras["dev"] = sorted({*extras["gptq"], *extras["bnb"], *extras["search"], "pytest>=8", "ruff>=0.6"})
+# What the test suite needs: the quantized backends, the search and evaluation libraries it tests, pytest and ruff.
+extras["dev"] = sorted({*extras["gptq"], *extras["bnb"], *extras["search"], *extras["eval"], "pytest>=8", "ruff>=0.6"})
 
 setup(
     name="peft_elastic",

@@ -8,6 +8,7 @@ Writes `OUT_DIR/rank{RANK}.json` (world size, the subnetwork at every micro-batc
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ class RecordingTrainer(ElasticSFTTrainer):
 
 
 def main(out_dir: str, strategy: str) -> None:
+    faulthandler.enable(open(os.path.join(out_dir, f"fault{os.environ['RANK']}.log"), "w"), all_threads=True)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert world_size == 2, world_size
     problems = arithmetic_problems(128)
@@ -88,7 +90,15 @@ def main(out_dir: str, strategy: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    print(f"rank {rank}: results written", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    try:
+        main(sys.argv[1], sys.argv[2])
+    finally:
+        # Without this, gloo's worker threads can outlive the interpreter and abort the process at exit
+        # (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291).
+        if dist.is_initialized():
+            dist.destroy_process_group()
+            print("process group destroyed", file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ def test_two_ddp_ranks_agree(tmp_path, strategy):
     command += ["--master_port", str(free_port()), str(WORKER), str(tmp_path), strategy]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert result.returncode == 0, "".join(f.read_text() for f in tmp_path.glob("fault*.log")) + result.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     weights = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(2)]
 

@@ -3,6 +3,7 @@
 Needs the `search` extra (optuna, matplotlib)."""
 
 from .evaluators import ExactMatchEvaluator, LossEvaluator, extract_answer
+from .harness import LMEvalEvaluator
 from .result import SearchResult
 from .run import COSTS, run_search
 from .strategies import STRATEGIES
@@ -11,6 +12,7 @@ __all__ = [
     "COSTS",
     "STRATEGIES",
     "ExactMatchEvaluator",
+    "LMEvalEvaluator",
     "LossEvaluator",
     "SearchResult",
     "extract_answer",
