@@ -7,7 +7,7 @@ checkpoint.
 
 from ._registry import register_tuner
 from .compressed import export_compressed_model, load_compressed_model
-from .cost import Cost, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
+from .cost import Cost, CostModel, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
 from .export import export_sub_adapter, sub_adapter_state
 from .importance import reorder_by_importance
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
@@ -37,6 +37,7 @@ register_tuner("sparse_peft", SparsePEFTConfig, SparsePEFTModel)
 
 __all__ = [
     "Cost",
+    "CostModel",
     "Latency",
     "count_macs",
     "count_parameters",

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .quantization.layers import is_gptq_layer
-from .subnetwork import _dropped, _groups, _resolve, _tuner, _validated, _widths
+from .subnetwork import _adapter_parameters, _dropped, _groups, _resolve, _tuner, _validated, _widths
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
 
 #: Sequence length of `count_macs` and of the inputs `measure_latency` makes, unless given.
@@ -50,34 +50,10 @@ class Latency:
 # ------------------------------------------------------------------------------------------ the deployed model
 
 
-def _deployed(
-    model: nn.Module, subnetwork: Mapping[str, int] | None, adapter_name: str | None
-) -> tuple[nn.Module, dict[str, tuple[int, int]], tuple[str, ...], frozenset[str]]:
-    """The module tree to walk, `{module name: (out, in)}` of its elastic layers under `subnetwork` (names relative
-    to that tree), the query/key/value suffixes of its attention blocks and the decoder blocks it drops."""
-    try:
-        tuner = _tuner(model)
-    except ValueError:  # no elastic adapter: everything at full size
-        if subnetwork is not None or adapter_name is not None:
-            raise
-        root = model.get_base_model() if isinstance(model, PeftModel) else model
-        return root, {}, DEFAULT_HEAD_MODULES[0], frozenset()
-    _, adapter_name, config = _resolve(tuner, adapter_name)
-    adapter_name, groups = _groups(tuner, adapter_name)  # walked once for the widths and the dropped blocks
-    chosen = _validated(subnetwork or {}, groups)
-    dropped = frozenset(_dropped(groups, chosen, adapter_name))
-    return tuner.model, _widths(groups, chosen, adapter_name), tuple(config.head_modules[0]), dropped
-
-
-def _modules(
-    module: nn.Module, prefix: str = "", skip: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, nn.Module]]:
+def _modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """`(name, module)` of every module of the deployed model, adapter wrappers collapsed: a layer wrapped by an
     adapter is one leaf (its adapter weights get merged), a `modules_to_save` wrapper its original module (the
-    trained copy that replaces it has the same shapes). A module registered at two places is yielded twice. The
-    subtrees named in `skip` (dropped decoder blocks) are left out."""
-    if prefix in skip:
-        return
+    trained copy that replaces it has the same shapes). A module registered at two places is yielded twice."""
     yield prefix, module
     if isinstance(module, BaseTunerLayer):
         return
@@ -86,19 +62,17 @@ def _modules(
     else:
         children = module.named_children()
     for name, child in children:
-        yield from _modules(child, f"{prefix}.{name}" if prefix else name, skip)
+        yield from _modules(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def _linear_shape(name: str, module: nn.Module, widths: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
-    """`(out, in)` of a linear layer — at its active widths if it is elastic — or None if `module` is not one.
-    Linear layers: `torch.nn.Linear` (bitsandbytes' included), transformers' `Conv1D` and GPTQ layers, bare or
-    wrapped by an adapter; sizes come from their attributes, not from their (maybe packed) weights."""
-    if name in widths:
-        return widths[name]
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """`(out, in)` of a linear layer at full width, or None if `module` is not one. Linear layers: `torch.nn.Linear`
+    (bitsandbytes' included), transformers' `Conv1D` and GPTQ layers, bare or wrapped by an adapter; sizes come
+    from their attributes, not from their (maybe packed) weights."""
     layer = _unwrapped(module)
     if isinstance(layer, nn.Linear) or is_gptq_layer(layer):
         return layer.out_features, layer.in_features
@@ -111,6 +85,121 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return value
+
+
+def _inside(name: str, blocks: frozenset[str]) -> bool:
+    """Whether module `name` is one of `blocks` or in one of them."""
+    return any(name == block or name.startswith(block + ".") for block in blocks)
+
+
+class CostModel:
+    """The analytic costs of the subnetworks of one model, with the model walked once: `params(subnetwork)`,
+    `macs(subnetwork, seq_len)` and `adapter_params(subnetwork)` — what `count_parameters`, `count_macs` and
+    `num_adapter_parameters` return, in a fraction of a millisecond each (a search prices every trial with one).
+    Valid while the model's modules stay as they are (switching subnetworks is fine; adding or merging adapters,
+    exporting or reordering is not)."""
+
+    def __init__(self, model: nn.Module, adapter_name: str | None = None) -> None:
+        try:
+            tuner = _tuner(model)
+        except ValueError as error:  # no elastic adapter: everything at full size
+            if adapter_name is not None:
+                raise
+            self._no_tuner = error
+            self._root = model.get_base_model() if isinstance(model, PeftModel) else model
+            self._adapter, self._groups, self._qkv = None, {}, DEFAULT_HEAD_MODULES[0]
+        else:
+            self._no_tuner = None
+            _, adapter_name, config = _resolve(tuner, adapter_name)
+            self._adapter, self._groups = _groups(tuner, adapter_name)
+            self._root, self._qkv = tuner.model, tuple(config.head_modules[0])
+        self._walk = list(_modules(self._root))
+        self._tensors = self._parameter_items()
+        self._attention: list[tuple[str, int, str, tuple[int, int]]] | None = None  # built by the first `macs`
+
+    def _parameter_items(self) -> list[tuple[str, tuple[int, int] | None, list[tuple[int, int]]]]:
+        """`(name, full (out, in) or None, [(tensor id, size)])` per module of the walk: for a linear layer its
+        weight's and bias's ids (sizes follow the widths), for any other leaf its own parameters."""
+        items = []
+        for name, module in self._walk:
+            layer = _unwrapped(module)
+            shape = _linear_shape(module)
+            if shape is not None:
+                bias = getattr(layer, "bias", None)
+                ids = [(id(getattr(layer, "weight", layer)), 0)] + ([(id(bias), 0)] if bias is not None else [])
+                items.append((name, shape, ids))
+            else:  # a wrapped base layer is a leaf of the walk: count its children here
+                items.append((name, None, [(id(p), p.numel()) for p in layer.parameters(recurse=layer is not module)]))
+        return items
+
+    def _deployed(self, subnetwork: Mapping[str, int] | None) -> tuple[dict[str, tuple[int, int]], frozenset[str]]:
+        """`{module name: (out, in)}` of the elastic layers under `subnetwork` and the decoder blocks it drops."""
+        if self._no_tuner is not None:
+            if subnetwork is not None:
+                raise self._no_tuner
+            return {}, frozenset()
+        chosen = _validated(subnetwork or {}, self._groups)
+        dropped = frozenset(_dropped(self._groups, chosen, self._adapter))
+        return _widths(self._groups, chosen, self._adapter), dropped
+
+    def params(self, subnetwork: Mapping[str, int] | None = None) -> int:
+        """`count_parameters(model, subnetwork)`."""
+        widths, dropped = self._deployed(subnetwork)
+        counted: set[int] = set()  # ids of the tensors (or GPTQ layers) already counted
+        total = 0
+        for name, shape, tensors in self._tensors:
+            if dropped and _inside(name, dropped):
+                continue
+            if shape is not None:
+                out_width, in_width = widths.get(name, shape)
+                tensors = [(tensors[0][0], out_width * in_width)] + [(t, out_width) for t, _ in tensors[1:]]
+            for tensor, size in tensors:
+                if tensor not in counted:
+                    counted.add(tensor)
+                    total += size
+        return total
+
+    def macs(self, subnetwork: Mapping[str, int] | None = None, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+        """`count_macs(model, subnetwork, seq_len)`."""
+        _check_count("seq_len", seq_len, 1)
+        widths, dropped = self._deployed(subnetwork)
+        linear = attention = 0
+        for name, shape, _ in self._tensors:
+            if shape is not None and not (dropped and _inside(name, dropped)):
+                out_width, in_width = widths.get(name, shape)
+                linear += seq_len * out_width * in_width
+        for name, head_dim, query, shape in self._attention_items():
+            if dropped and _inside(name, dropped):
+                continue
+            heads = widths.get(query, shape)[0] // head_dim
+            attention += 2 * seq_len * seq_len * heads * head_dim
+        return linear + attention
+
+    def _attention_items(self) -> list[tuple[str, int, str, tuple[int, int]]]:
+        """`(name, head_dim, query projection name, its full (out, in))` of every attention module (a module with a
+        `head_dim`)."""
+        if self._attention is None:
+            items, qkv = [], self._qkv
+            for name, module in self._walk:
+                head_dim = getattr(module, "head_dim", None)
+                if head_dim is None:
+                    continue
+                if not all(isinstance(getattr(module, suffix, None), nn.Module) for suffix in qkv):
+                    raise ValueError(
+                        f"count_macs counts the heads of attention module {name!r} ({type(module).__name__}, it has "
+                        f"a head_dim) from its query projection, which needs the children {list(qkv)}; it has "
+                        f"{[n for n, _ in module.named_children()]}. Fused projections are not supported."
+                    )
+                query = f"{name}.{qkv[0]}" if name else qkv[0]
+                items.append((name, head_dim, query, _linear_shape(module.get_submodule(qkv[0]))))
+            self._attention = items
+        return self._attention
+
+    def adapter_params(self, subnetwork: Mapping[str, int] | None = None) -> int:
+        """`num_adapter_parameters(model, subnetwork)`."""
+        if self._no_tuner is not None:
+            raise self._no_tuner
+        return _adapter_parameters(self._groups, _validated(subnetwork or {}, self._groups), self._adapter)
 
 
 # ------------------------------------------------------------------------------------------ analytic counts
@@ -130,26 +219,9 @@ def count_parameters(
 
     `model`: a PeftModel with an elastic adapter (or its tuner), or any other `nn.Module`, counted at full size
     (then `subnetwork` and `adapter_name` must be None). Raises ValueError for a subnetwork that does not fit the
-    model (unknown group names or choices, as `set_subnetwork`).
+    model (unknown group names or choices, as `set_subnetwork`). To price many subnetworks, use one `CostModel`.
     """
-    root, widths, _, dropped = _deployed(model, subnetwork, adapter_name)
-    counted: set[int] = set()  # ids of the tensors (or GPTQ layers) already counted
-    total = 0
-    for name, module in _modules(root, skip=dropped):
-        layer = _unwrapped(module)
-        shape = _linear_shape(name, module, widths)
-        if shape is not None:
-            out_width, in_width = shape
-            bias = getattr(layer, "bias", None)
-            tensors = [(getattr(layer, "weight", layer), out_width * in_width)]
-            tensors += [(bias, out_width)] if bias is not None else []
-        else:  # a wrapped base layer is a leaf of the walk: count its children here
-            tensors = [(p, p.numel()) for p in layer.parameters(recurse=layer is not module)]
-        for tensor, size in tensors:
-            if id(tensor) not in counted:
-                counted.add(id(tensor))
-                total += size
-    return total
+    return CostModel(model, adapter_name).params(subnetwork)
 
 
 def count_macs(
@@ -174,29 +246,11 @@ def count_macs(
     Not counted: embedding lookups (0 MACs), element-wise work (norms, activations, rotary embeddings, residuals,
     softmax, biases), adapters (merged). A module called twice per forward is counted once per place it is
     registered. Raises ValueError for a bad subnetwork (as `count_parameters`), `seq_len < 1`, or an attention
-    module whose projections are not named like that (e.g. fused `c_attn`).
+    module whose projections are not named like that (e.g. fused `c_attn`). To price many subnetworks, use one
+    `CostModel`.
     """
     _check_count("seq_len", seq_len, 1)
-    root, widths, qkv, dropped = _deployed(model, subnetwork, adapter_name)
-    linear = attention = 0
-    for name, module in _modules(root, skip=dropped):
-        shape = _linear_shape(name, module, widths)
-        if shape is not None:
-            linear += seq_len * shape[0] * shape[1]
-        head_dim = getattr(module, "head_dim", None)
-        if head_dim is None:
-            continue
-        if not all(isinstance(getattr(module, suffix, None), nn.Module) for suffix in qkv):
-            raise ValueError(
-                f"count_macs counts the heads of attention module {name!r} ({type(module).__name__}, it has a "
-                f"head_dim) from its query projection, which needs the children {list(qkv)}; it has "
-                f"{[n for n, _ in module.named_children()]}. Fused projections are not supported."
-            )
-        query = f"{name}.{qkv[0]}" if name else qkv[0]
-        q_width, _ = _linear_shape(query, module.get_submodule(qkv[0]), widths)
-        heads = q_width // head_dim
-        attention += 2 * seq_len * seq_len * heads * head_dim
-    return linear + attention
+    return CostModel(model, adapter_name).macs(subnetwork, seq_len)
 
 
 def subnetwork_cost(
@@ -206,10 +260,8 @@ def subnetwork_cost(
     adapter_name: str | None = None,
 ) -> Cost:
     """`Cost(params=count_parameters(...), macs=count_macs(...))` of `subnetwork` (default: the active one)."""
-    return Cost(
-        params=count_parameters(model, subnetwork, adapter_name),
-        macs=count_macs(model, subnetwork, seq_len, adapter_name),
-    )
+    costs = CostModel(model, adapter_name)
+    return Cost(params=costs.params(subnetwork), macs=costs.macs(subnetwork, seq_len))
 
 
 # ------------------------------------------------------------------------------------------ measured latency

@@ -234,14 +234,19 @@ def num_adapter_parameters(
     """The number of adapter parameters `subnetwork` (default: the active one) uses: `k · (in + out)` per module
     of rank `k` and active widths `in`, `out`, plus the LoRA bias if there is one (`out`). Parameters of
     `modules_to_save` are not counted."""
-    adapter_name, groups = _rank_groups(model, adapter_name)
-    ranks = module_ranks(model, subnetwork, adapter_name)
-    widths = module_widths(model, subnetwork, adapter_name)
+    adapter_name, groups = _groups(model, adapter_name)
+    return _adapter_parameters(groups, _validated(subnetwork or {}, groups), adapter_name)
+
+
+def _adapter_parameters(groups, chosen: Mapping[str, int], adapter_name: str) -> int:
+    widths = _widths(groups, chosen, adapter_name)
     total = 0
-    for group in groups.values():
+    for name, group in groups.items():
+        if not isinstance(group, RankGroup):
+            continue
         for module_name, layer in group.modules:
             out_width, in_width = widths[module_name]
-            total += ranks[module_name] * (in_width + out_width)
+            total += chosen.get(name, layer.active_rank(adapter_name)) * (in_width + out_width)
             if layer.lora_B[adapter_name].bias is not None:
                 total += out_width
     return total

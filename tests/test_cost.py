@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import peft_elastic
-from peft_elastic.cost import Cost, count_macs, count_parameters, measure_latency, subnetwork_cost
+from peft_elastic.cost import Cost, CostModel, count_macs, count_parameters, measure_latency, subnetwork_cost
 from peft_elastic.toy import tiny_llama
 
 SEQ_LEN = 12
@@ -98,6 +100,26 @@ def test_costs_equal_the_dense_model_with_the_channels_removed(which):
     assert count_parameters(model, {"model.layers.0.mlp:width": 128}) == count_parameters(
         model, subnetwork | {"model.layers.0.mlp:width": 128}
     )  # groups not named keep their active choice
+
+
+def test_one_cost_model_prices_many_subnetworks():
+    """A search prices every trial with one CostModel: its counts equal the dense models', and its default (the
+    active subnetwork) follows the switches."""
+    model = mode_b()
+    costs = CostModel(model)
+    space, rng = peft_elastic.search_space(model), random.Random(0)
+    for _ in range(3):
+        subnetwork = {name: rng.choice(choices) for name, choices in space.items()}
+        dense = dense_subnetwork(model, subnetwork)
+        assert costs.params(subnetwork) == sum(p.numel() for p in dense.parameters())
+        assert costs.macs(subnetwork, SEQ_LEN) == measured_macs(dense)
+        peft_elastic.set_subnetwork(model, subnetwork)
+        assert (costs.params(), costs.macs(seq_len=SEQ_LEN)) == (
+            costs.params(subnetwork),
+            costs.macs(subnetwork, SEQ_LEN),
+        )
+        ranks, widths = peft_elastic.module_ranks(model), peft_elastic.module_widths(model)
+        assert costs.adapter_params() == sum(rank * sum(widths[name]) for name, rank in ranks.items())
 
 
 def test_costs_are_ordered():

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from ..cost import count_macs, count_parameters, measure_latency
+from ..cost import CostModel, measure_latency
 from ..subnetwork import (
     _groups,
     apply_subnetwork,
@@ -19,7 +19,6 @@ from ..subnetwork import (
     heuristic_subnetwork,
     maximal_subnetwork,
     minimal_subnetwork,
-    num_adapter_parameters,
     search_space,
     set_subnetwork,
 )
@@ -102,7 +101,7 @@ def run_search(
     if strategy == "heuristic":
         n_trials = min(n_trials, 2)
 
-    measure = _cost_function(cost, seq_len, adapter_name)
+    measure = _cost_function(model, cost, seq_len, adapter_name)
     resolved_adapter, groups = _groups(model, adapter_name)
     active = get_subnetwork(model, adapter_name)
     rng = random.Random(seed)
@@ -119,7 +118,8 @@ def run_search(
                     break  # every neighbour of the Pareto front has been evaluated
                 study.enqueue_trial(proposal)
             trial = study.ask(distributions)
-            subnetwork = {name: trial.params[name] for name in space}
+            params = trial.params  # a copy per access
+            subnetwork = {name: params[name] for name in space}
             values = known.get(_key(subnetwork, space))
             if values is not None:  # a sampler proposed a subnetwork already evaluated: no need to evaluate it again
                 study.tell(trial, values)
@@ -156,15 +156,16 @@ def run_search(
     return _result(study, space, direction, cost_name, strategy, seeds, timing)
 
 
-def _cost_function(cost, seq_len: int, adapter_name: str | None):
+def _cost_function(model: nn.Module, cost, seq_len: int, adapter_name: str | None):
     if callable(cost):
         return cost
-    if cost == "params":
-        return lambda model, subnetwork: count_parameters(model, subnetwork, adapter_name)
-    if cost == "adapter_params":
-        return lambda model, subnetwork: num_adapter_parameters(model, subnetwork, adapter_name)
-    if cost == "macs":
-        return lambda model, subnetwork: count_macs(model, subnetwork, seq_len=seq_len, adapter_name=adapter_name)
+    if cost in ("params", "macs", "adapter_params"):
+        costs = CostModel(model, adapter_name)  # the model walked once, not per trial
+        if cost == "params":
+            return lambda model, subnetwork: costs.params(subnetwork)
+        if cost == "macs":
+            return lambda model, subnetwork: costs.macs(subnetwork, seq_len)
+        return lambda model, subnetwork: costs.adapter_params(subnetwork)
     # the super-network's forward with the subnetwork active (sliced, adapters unmerged): a proxy of the exported
     # model's latency that needs no export
     return lambda model, subnetwork: measure_latency(model, seq_len=seq_len, warmup=1, repeats=5).median
