@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -186,7 +187,8 @@ def test_loss_evaluator_and_the_cost_of_params():
     expected = sum(float(value) * n for value, n in zip(losses, counts, strict=True)) / sum(counts)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert LossEvaluator(texts, tok, perplexity=True)(model) == pytest.approx(math.exp(loss), rel=1e-5)
-    result = run_search(model, evaluator, "heuristic", "params", progress=False)
+    with pytest.warns(UserWarning, match=r"cost='params' is the same for every subnetwork.*'adapter_params'"):
+        result = run_search(model, evaluator, "heuristic", "params", progress=False)
     base = model.get_base_model()
     lora = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
     assert result.trials[0]["cost"] == sum(p.numel() for p in base.parameters()) - lora  # the deployed model
@@ -316,7 +318,14 @@ def test_latency_and_macs_costs(model, monkeypatch):
     assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
     result = run_search(model, evaluator, "heuristic", "adapter_params", progress=False)
     assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
-    result = run_search(model, evaluator, "heuristic", "macs", seq_len=16, progress=False)
+    with pytest.warns(UserWarning, match="cost='macs' is the same for every subnetwork"):
+        result = run_search(model, evaluator, "heuristic", "macs", seq_len=16, progress=False)
     assert result.trials[0]["cost"] == peft_elastic.count_macs(
         model, peft_elastic.maximal_subnetwork(model), seq_len=16
     )
+    widths = ElasticLoraConfig(r=8, target_modules=TARGETS + ["gate_proj"], width_choices=[1.0, 0.5])
+    mode_b = get_peft_model(tiny_llama(), widths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # widths change the deployed model: no warning
+        trials = run_search(mode_b, Synthetic(mode_b), "random", "macs", n_trials=3, progress=False).trials
+    assert trials[0]["cost"] > trials[2]["cost"]  # the maximal and the minimal subnetwork

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Mapping
 
 from torch import nn
@@ -22,6 +23,7 @@ from ..subnetwork import (
     search_space,
     set_subnetwork,
 )
+from ..tuners.elastic_lora.space import RankGroup
 from .result import SearchResult
 from .strategies import STRATEGIES, _key, hill_climb_proposal, optuna_sampler
 
@@ -103,6 +105,14 @@ def run_search(
 
     measure = _cost_function(model, cost, seq_len, adapter_name)
     resolved_adapter, groups = _groups(model, adapter_name)
+    if cost in ("params", "macs") and all(isinstance(group, RankGroup) for group in groups.values()):
+        warnings.warn(
+            f"cost={cost!r} is the same for every subnetwork of this model: with rank choices only, each deploys as a "
+            "model of the base's size. Use cost='adapter_params' (the adapter parameters, what Shears compares), "
+            "'latency', or a callable.",
+            UserWarning,
+            stacklevel=2,
+        )
     active = get_subnetwork(model, adapter_name)
     rng = random.Random(seed)
     timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0}
