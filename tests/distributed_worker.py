@@ -12,6 +12,7 @@ import faulthandler
 import json
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -90,15 +91,21 @@ def main(out_dir: str, strategy: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
-    print(f"rank {rank}: results written", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
+    code = 0
     try:
         main(sys.argv[1], sys.argv[2])
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:
-        # Without this, gloo's worker threads can outlive the interpreter and abort the process at exit
-        # (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291).
+        # A rank sometimes aborted after training (SIGABRT, "terminate called without an active exception", about
+        # one run in 15; gloo's threads can outlive the interpreter at exit, pytorch/pytorch#179291): destroy the
+        # process group, then leave without the interpreter's teardown. The results are written and closed by now.
         if dist.is_initialized():
             dist.destroy_process_group()
-            print("process group destroyed", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
