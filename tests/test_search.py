@@ -329,3 +329,39 @@ def test_latency_and_macs_costs(model, monkeypatch):
         warnings.simplefilter("error")  # widths change the deployed model: no warning
         trials = run_search(mode_b, Synthetic(mode_b), "random", "macs", n_trials=3, progress=False).trials
     assert trials[0]["cost"] > trials[2]["cost"]  # the maximal and the minimal subnetwork
+
+
+def test_the_issue_flow_verbatim(tmp_path, monkeypatch):
+    """The user flow of the issue, as written: a Mode B super-network, a validation `datasets.Dataset`, NSGA-II over
+    loss and deployed parameters for 100 trials in an SQLite storage; then the front, the selection and the plot."""
+    from datasets import Dataset
+
+    problems = arithmetic_problems(400, seed=4)
+    tokenizer = train_tokenizer([p["prompt"] + p["completion"] for p in problems], vocab_size=96)
+    val_dataset = Dataset.from_list([{"text": p["prompt"] + p["completion"]} for p in problems[:16]])
+    config = ElasticLoraConfig(r=8, target_modules=TARGETS + ["gate_proj"], width_choices=[1.0, 0.75, 0.5])
+    model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), config)
+    monkeypatch.chdir(tmp_path)
+
+    result = run_search(model, evaluate=LossEvaluator(val_dataset, tokenizer), strategy="nsga2",
+                        cost="params", n_trials=100, seed=0, storage="sqlite:///search.db")  # fmt: skip
+    front = result.pareto_front()
+    best = result.best(max_metric_drop=0.01)
+    png = result.plot_progression("search.png")
+
+    assert len(result.trials) == 100 and (tmp_path / "search.db").stat().st_size > 0
+    assert [set(point) >= {"subnetwork", "metric", "cost"} for point in front] == [True] * len(front)
+    costs, losses = [p["cost"] for p in front], [p["metric"] for p in front]
+    assert costs == sorted(costs) and losses == sorted(losses, reverse=True) and len(front) >= 2
+    complete = [t for t in result.trials if t["state"] == "complete"]
+    assert not any(t["metric"] <= p["metric"] and t["cost"] < p["cost"] for t in complete for p in front)
+    reference = result.reference["metric"]  # the maximal subnetwork's loss
+    within = [t for t in complete if t["metric"] <= reference * 1.01]
+    assert best["cost"] == min(t["cost"] for t in within) and best["metric"] <= reference * 1.01
+    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name == "search.png"
+    peft_elastic.set_subnetwork(model, best["subnetwork"])
+    assert peft_elastic.count_parameters(model) == best["cost"]
+    # the same call again finds its 100 trials done: nothing is evaluated
+    again = run_search(model, evaluate=lambda m: pytest.fail("evaluated again"), strategy="nsga2", cost="params",
+                       n_trials=100, seed=0, storage="sqlite:///search.db", direction="minimize")  # fmt: skip
+    assert again.trials == result.trials
