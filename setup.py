@@ -33,4 +33,5 @@ setup(
         "tokenizers",
     ],
     extras_require=extras,
+    entry_points={"console_scripts": ["peft-elastic=peft_elastic.cli:main"]},
 )

@@ -1,0 +1,237 @@
+"""The `peft-elastic` command line: a thin layer over the library. Every command takes a model id or a local folder
+and writes a new output folder, atomically: it is written under a temporary name beside the target and renamed when
+complete, so a failed run leaves nothing half-written. An existing output folder is refused unless `--overwrite`.
+
+    peft-elastic sparsify MODEL OUTPUT [--method wanda|magnitude] [--sparsity 0.5 | --pattern 2:4] [--dataset D]
+
+Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+PROG = "peft-elastic"
+
+
+class CommandError(Exception):
+    """A bad argument or input, reported as one line."""
+
+
+# ------------------------------------------------------------------------------------------ inputs and outputs
+
+
+def load_model(name_or_path: str):
+    """A causal LM and its tokenizer from a hub id or a local folder (float32 on CPU unless the checkpoint is
+    quantized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
+    except OSError as error:
+        if Path(name_or_path).exists():
+            reason = "the folder holds no loadable model and tokenizer"
+        else:
+            reason = "not a local folder, and not a model id reachable from here (offline?)"
+        raise CommandError(f"cannot load model {name_or_path!r}: {reason} ({_first_line(error)})") from None
+    return model, tokenizer
+
+
+def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str]:
+    """The `text_column` of a local .jsonl/.json/.csv/.parquet file, a folder saved with `Dataset.save_to_disk`, or
+    a dataset on the hub (its `split`)."""
+    import datasets
+
+    path = Path(dataset)
+    try:
+        if path.is_file():
+            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise CommandError(f"dataset file {dataset!r}: use a .jsonl, .json, .csv or .parquet file")
+            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+        elif path.is_dir() and (path / "dataset_info.json").exists():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(dataset, split=split)
+    except CommandError:
+        raise
+    except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise CommandError(f"cannot load dataset {dataset!r}: {_first_line(error)}") from None
+    if isinstance(data, datasets.DatasetDict):
+        raise CommandError(f"dataset {dataset!r} has several splits {list(data)}; give one")
+    if text_column not in data.column_names:
+        raise CommandError(
+            f"dataset {dataset!r} has no column {text_column!r}; its columns: {data.column_names} (use --text-column)"
+        )
+    return [str(text) for text in data[text_column]]
+
+
+@contextmanager
+def output_folder(target: str, overwrite: bool):
+    """A temporary folder beside `target` to write into; renamed to `target` when the block completes, removed if it
+    fails. An existing `target` is refused unless `overwrite` (then replaced only on success)."""
+    target_path = Path(target)
+    if target_path.exists() and not overwrite:
+        raise CommandError(f"output {target!r} exists; choose another path or pass --overwrite")
+    if target_path.exists() and not target_path.is_dir():
+        raise CommandError(f"output {target!r} is a file, not a folder")
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.", dir=target_path.parent))
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if target_path.exists():
+        shutil.rmtree(target_path)
+    temporary.rename(target_path)
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """datasets' and transformers' progress bars off while the block runs if not `enabled` (then as they were)."""
+    import datasets
+    from transformers.utils import logging
+
+    if enabled:
+        yield
+        return
+    datasets_on, transformers_on = datasets.is_progress_bar_enabled(), logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            logging.enable_progress_bar()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def sparsify_command(args: argparse.Namespace) -> None:
+    from .sparsity import sparsify
+    from .sparsity.patterns import parse_pattern
+
+    parse_pattern(args.pattern, None if ":" in args.pattern else args.sparsity)  # before anything is loaded
+    if args.method == "wanda" and args.dataset is None:
+        raise CommandError(
+            "--method wanda needs calibration texts: --dataset FILE_OR_NAME (or use --method magnitude)"
+        )
+    texts = load_texts(args.dataset, args.text_column, args.split) if args.dataset is not None else None
+    with output_folder(args.output, args.overwrite) as folder:
+        model, tokenizer = load_model(args.model)
+        report = sparsify(
+            model,
+            texts,
+            tokenizer=tokenizer,
+            method=args.method,
+            sparsity=None if ":" in args.pattern else args.sparsity,
+            pattern=args.pattern,
+            text_column=args.text_column,
+            max_length=args.max_length,
+            num_samples=args.num_samples,
+            skip_modules=tuple(args.skip_modules),
+            progress=not args.quiet,
+        )
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "sparsity_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    print(
+        f"{args.output}: {report.method} {report.pattern} sparsity {report.sparsity:.4f} over {len(report.modules)} "
+        "linear layers (sparsity_report.json)"
+    )
+
+
+# ------------------------------------------------------------------------------------------ the parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
+
+
+def _add_io(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+    parser.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_dataset(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--dataset", help=help_text)
+    parser.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
+    parser.add_argument("--split", default="train", help="the split of a hub dataset (default: train)")
+    parser.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Elastic low-rank adapters for PEFT: sparsify, quantize, train, search, export, evaluate.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sparsify = commands.add_parser(
+        "sparsify",
+        help="prune a model's decoder layers (Wanda or magnitude; unstructured or N:M)",
+        description="Prune the linear layers of MODEL's decoder blocks and save the sparse model to OUTPUT, with "
+        "sparsity_report.json (zeros per layer).",
+    )
+    _add_io(sparsify)
+    sparsify.add_argument("--method", choices=["wanda", "magnitude"], default="wanda", help="default: wanda")
+    sparsify.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to zero per row")
+    sparsify.add_argument("--pattern", default="unstructured", help='"unstructured" (default) or N:M, e.g. 2:4')
+    sparsify.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
+    sparsify.add_argument("--skip-modules", nargs="*", default=[], metavar="NAME", help="layers to keep dense")
+    _add_dataset(sparsify, "calibration texts for Wanda: a .jsonl/.json/.csv/.parquet file, a saved dataset or a "
+                 "hub dataset name")  # fmt: skip
+    sparsify.set_defaults(run=sparsify_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        with _progress_bars(not getattr(args, "quiet", False)):
+            run(args)
+    except (CommandError, ValueError) as error:
+        print(f"{PROG} {args.command}: error: {_first_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The `peft-elastic` command line: each command equals the library call it wraps, writes its output folder
+atomically, and ends bad inputs with one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peft_elastic.cli import main
+from peft_elastic.sparsity import sparsify
+from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
+
+TEXTS = [p["prompt"] + p["completion"] for p in arithmetic_problems(40, seed=7)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def decoder_linears(model) -> dict[str, torch.Tensor]:
+    return {
+        name: module.weight.detach()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    }
+
+
+def test_sparsify_equals_the_library_call(capsys, model_dir, texts_file, tokenizer, tmp_path):
+    out = tmp_path / "sparse"
+    code, stdout, stderr = run(
+        capsys, "sparsify", model_dir, out, "--dataset", texts_file, "--num-samples", 16, "--max-length", 32, "--quiet"
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(f"{out}: wanda unstructured sparsity 0.5000 over 14 linear layers")
+    written = AutoModelForCausalLM.from_pretrained(out)
+    expected = AutoModelForCausalLM.from_pretrained(model_dir)
+    sparsify(expected, TEXTS, tokenizer=tokenizer, max_length=32, num_samples=16, progress=False)
+    got, want = decoder_linears(written), decoder_linears(expected)
+    assert sorted(got) == sorted(want) and len(got) == 14
+    for name, weight in got.items():
+        assert torch.equal(weight, want[name]), name
+        assert torch.all((weight == 0).sum(dim=1) == weight.shape[1] // 2), name  # half of every row
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["sparsity"] == 0.5 and len(report["modules"]) == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sparse"]  # no temporary folder left
+    assert (out / "tokenizer.json").exists()
+
+
+def test_sparsify_two_four_by_magnitude(capsys, model_dir, tmp_path):
+    code, stdout, _ = run(capsys, "sparsify", model_dir, tmp_path / "out", "--method", "magnitude", "--pattern", "2:4")
+    assert code == 0 and "magnitude 2:4 sparsity 0.5000" in stdout
+    for name, weight in decoder_linears(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).items():
+        groups = weight.reshape(weight.shape[0], -1, 4)
+        assert torch.all((groups == 0).sum(dim=-1) == 2), name
+
+
+def test_output_folder_is_refused_or_replaced_whole(capsys, model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, stdout, stderr = run(capsys, "sparsify", model_dir, out, "--method", "magnitude")
+    assert code == 2 and stdout == ""
+    assert stderr == f"peft-elastic sparsify: error: output '{out}' exists; choose another path or pass --overwrite\n"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _, _ = run(capsys, "sparsify", model_dir, out, "--method", "magnitude", "--overwrite", "--quiet")
+    assert code == 0 and (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["column", "model", "wanda_without_data", "dataset_missing", "bad_suffix", "bad_pattern"],
+)
+def test_bad_inputs_end_with_one_line(capsys, model_dir, texts_file, tmp_path, case):
+    out = tmp_path / "out"
+    argv, expected = {
+        "column": (
+            [model_dir, out, "--dataset", texts_file, "--text-column", "body"],
+            "dataset '{data}' has no column 'body'; its columns: ['text', 'id'] (use --text-column)",
+        ),
+        "model": (
+            [tmp_path / "nowhere", out, "--method", "magnitude"],
+            "cannot load model '{nowhere}': not a local folder, and not a model id reachable from here (offline?)",
+        ),
+        "wanda_without_data": ([model_dir, out], "--method wanda needs calibration texts: --dataset"),
+        "dataset_missing": ([model_dir, out, "--dataset", "no/such-dataset"], "cannot load dataset 'no/such-dataset'"),
+        "bad_suffix": (
+            [model_dir, out, "--dataset", texts_file.with_suffix(".txt")],
+            ".jsonl, .json, .csv or .parquet",
+        ),
+        "bad_pattern": ([model_dir, out, "--method", "magnitude", "--pattern", "4:2"], "4:2"),
+    }[case]
+    texts_file.with_suffix(".txt").write_text("some text\n")
+    code, stdout, stderr = run(capsys, "sparsify", *argv, "--quiet")
+    message = expected.format(data=texts_file, nowhere=tmp_path / "nowhere")
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("peft-elastic sparsify: error: ") and message in stderr, stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_argument_errors_and_the_console_script(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sparsify", "m", "o", "--sparsity", "1.5"])
+    assert exit_info.value.code == 2 and "--sparsity: 1.5 is not in [0, 1)" in capsys.readouterr().err
+    script = shutil.which("peft-elastic")
+    command = [script] if script else [sys.executable, "-m", "peft_elastic.cli"]
+    result = subprocess.run([*command, "sparsify", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--pattern" in result.stdout and "Prune the linear layers" in result.stdout
