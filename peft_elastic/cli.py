@@ -3,6 +3,7 @@ and writes a new output folder, atomically: it is written under a temporary name
 complete, so a failed run leaves nothing half-written. An existing output folder is refused unless `--overwrite`.
 
     peft-elastic sparsify MODEL OUTPUT [--method wanda|magnitude] [--sparsity 0.5 | --pattern 2:4] [--dataset D]
+    peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
 
 Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
 """
@@ -158,6 +159,34 @@ def sparsify_command(args: argparse.Namespace) -> None:
     )
 
 
+def quantize_command(args: argparse.Namespace) -> None:
+    from .quantization import quantize_gptq
+
+    if args.dataset is None:
+        raise CommandError("GPTQ needs calibration texts: --dataset FILE_OR_NAME")
+    texts = load_texts(args.dataset, args.text_column, args.split)
+    if not Path(args.model).exists():
+        load_model(args.model)  # a clear error for an unreachable id before gptqmodel tries it
+    with output_folder(args.output, args.overwrite) as folder:
+        report = quantize_gptq(
+            args.model,
+            folder,
+            texts,
+            bits=args.bits,
+            group_size=args.group_size,
+            sym=args.sym,
+            desc_act=args.desc_act,
+            text_column=args.text_column,
+            max_length=args.max_length,
+            num_samples=args.num_samples,
+            damp_percent=args.damp_percent,
+        )
+    print(
+        f"{args.output}: GPTQ INT{report.bits} (group {report.group_size}, {report.checkpoint_format}) of "
+        f"{len(report.modules)} linear layers, sparsity kept {report.sparsity:.4f} (quantization_report.json)"
+    )
+
+
 # ------------------------------------------------------------------------------------------ the parser
 
 
@@ -217,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset(sparsify, "calibration texts for Wanda: a .jsonl/.json/.csv/.parquet file, a saved dataset or a "
                  "hub dataset name")  # fmt: skip
     sparsify.set_defaults(run=sparsify_command)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="GPTQ-quantize a (sparse) model to INT2/4/8, keeping every zero (gptqmodel)",
+        description="Quantize MODEL with GPTQ (gptqmodel) into OUTPUT: a checkpoint transformers loads, with "
+        "sparsity_mask.safetensors (the pruned positions, for SparsePEFT) and quantization_report.json. Pruned "
+        "weights stay exactly zero.",
+    )
+    _add_io(quantize)
+    quantize.add_argument("--bits", type=int, choices=[2, 4, 8], default=4, help="default: 4")
+    quantize.add_argument("--group-size", type=int, default=128, help="-1 (one group per row) or a power of two")
+    quantize.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric)")
+    quantize.add_argument("--desc-act", action="store_true", help="act-order (permutes g_idx)")
+    quantize.add_argument("--damp-percent", type=float, default=0.05, help="GPTQ dampening (default 0.05)")
+    quantize.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
+    _add_dataset(quantize, "calibration texts (required): a .jsonl/.json/.csv/.parquet file, a saved dataset or "
+                 "a hub dataset name")  # fmt: skip
+    quantize.set_defaults(run=quantize_command)
     return parser
 
 

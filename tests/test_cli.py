@@ -133,3 +133,41 @@ def test_argument_errors_and_the_console_script(capsys):
     command = [script] if script else [sys.executable, "-m", "peft_elastic.cli"]
     result = subprocess.run([*command, "sparsify", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "--pattern" in result.stdout and "Prune the linear layers" in result.stdout
+
+
+def test_quantize_equals_the_library_call(capsys, model_dir, texts_file, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from peft_elastic.quantization import quantize_gptq
+
+    sparse = tmp_path / "sparse"
+    assert run(capsys, "sparsify", model_dir, sparse, "--method", "magnitude", "--quiet")[0] == 0
+    short = run(capsys, "quantize", sparse, tmp_path / "short", "--dataset", texts_file, "--quiet")
+    assert short[0] == 2 and "needs samples of more than 10 tokens (gptqmodel drops shorter ones)" in short[2]
+    calibration = [" ".join(TEXTS[i : i + 8]) for i in range(0, len(TEXTS), 8)]  # long enough for gptqmodel
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration))
+    out = tmp_path / "int4"
+    code, stdout, stderr = run(
+        capsys, "quantize", sparse, out, "--dataset", joined, "--group-size", 32, "--max-length", 64, "--quiet"
+    )
+    assert code == 0, stderr
+    summary = stdout.splitlines()[-1]  # gptqmodel logs to stdout before it
+    assert (
+        summary.startswith(f"{out}: GPTQ INT4 (group 32, ") and "of 14 linear layers, sparsity kept 0.5000" in summary
+    )
+    reference = tmp_path / "reference"
+    quantize_gptq(sparse, reference, calibration, bits=4, group_size=32, max_length=64)
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert sorted(got) == sorted(want) and any(name.endswith(".qweight") for name in got)
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    assert (
+        load_file(out / "sparsity_mask.safetensors").keys()
+        == load_file(reference / "sparsity_mask.safetensors").keys()
+    )
+    capsys.readouterr()  # the library call's own output
+    code, _, stderr = run(capsys, "quantize", sparse, tmp_path / "other", "--quiet")
+    assert (
+        code == 2 and stderr == "peft-elastic quantize: error: GPTQ needs calibration texts: --dataset FILE_OR_NAME\n"
+    )

@@ -61,6 +61,10 @@ class QuantizationReport:
         )
 
 
+#: gptqmodel (7.6) drops calibration samples of this many tokens or fewer, whatever `calibration_data_min_length` says.
+GPTQMODEL_MIN_TOKENS = 10
+
+
 def quantize_gptq(
     model_or_path,
     save_directory: str | os.PathLike,
@@ -112,6 +116,13 @@ def quantize_gptq(
                 batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"])), strict=True
             )
         ]
+        if not any(len(row["input_ids"]) > GPTQMODEL_MIN_TOKENS for row in calibration):
+            longest = max((len(row["input_ids"]) for row in calibration), default=0)
+            raise ValueError(
+                f"GPTQ calibration needs samples of more than {GPTQMODEL_MIN_TOKENS} tokens (gptqmodel drops shorter "
+                f"ones), but the longest of the {len(calibration)} samples has {longest}; use longer texts (e.g. "
+                "join several) or a larger max_length."
+            )
         from gptqmodel import GPTQModel, QuantizeConfig
 
         config = QuantizeConfig(
