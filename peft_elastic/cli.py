@@ -4,6 +4,7 @@ complete, so a failed run leaves nothing half-written. An existing output folder
 
     peft-elastic sparsify MODEL OUTPUT [--method wanda|magnitude] [--sparsity 0.5 | --pattern 2:4] [--dataset D]
     peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
+    peft-elastic export ADAPTER OUTPUT --base MODEL [--as sub-adapter|merged|compressed] [--subnetwork heuristic]
 
 Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
 """
@@ -187,6 +188,84 @@ def quantize_command(args: argparse.Namespace) -> None:
     )
 
 
+SUBNETWORKS = ("active", "heuristic", "maximal", "minimal")
+EXPORTS = ("sub-adapter", "merged", "compressed")
+
+
+def load_adapter(base: str, adapter: str):
+    """A PeftModel: the adapter folder (any of this package's tuner types, or stock PEFT) on the base model."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise CommandError(f"adapter {adapter!r} is not an adapter folder (no adapter_config.json)")
+    model, tokenizer = load_model(base)
+    return PeftModel.from_pretrained(model, adapter), tokenizer
+
+
+def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
+    """The subnetwork `choice` names: one of `SUBNETWORKS` or a JSON file holding `{group: choice}` (or a search
+    result's entry, `{"subnetwork": {...}, ...}`); None for a model without an elastic adapter and "active"."""
+    from . import subnetwork as subnetworks
+
+    elastic = True
+    try:
+        subnetworks.search_space(model)
+    except ValueError:
+        elastic = False
+    if not elastic:
+        if choice != "active":
+            raise CommandError(f"--subnetwork {choice}: the adapter is not elastic (it has one size); leave it out")
+        return None
+    if choice in SUBNETWORKS:
+        pick = {
+            "active": subnetworks.get_subnetwork,
+            "heuristic": subnetworks.heuristic_subnetwork,
+            "maximal": subnetworks.maximal_subnetwork,
+            "minimal": subnetworks.minimal_subnetwork,
+        }[choice]
+        return pick(model)
+    path = Path(choice)
+    if not path.is_file():
+        raise CommandError(f"--subnetwork {choice!r}: use one of {list(SUBNETWORKS)} or a JSON file")
+    try:
+        chosen = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--subnetwork {choice!r} is not valid JSON ({error})") from None
+    if isinstance(chosen, dict) and isinstance(chosen.get("subnetwork"), dict):
+        chosen = chosen["subnetwork"]
+    if not isinstance(chosen, dict):
+        raise CommandError(f"--subnetwork {choice!r} must hold a JSON object {{group name: choice}}")
+    subnetworks.set_subnetwork(model, chosen)  # validates it (unknown groups or choices: a clear ValueError)
+    return subnetworks.get_subnetwork(model)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from . import set_subnetwork
+    from .compressed import export_compressed_model
+    from .export import export_sub_adapter
+
+    model, tokenizer = load_adapter(args.base, args.adapter)
+    subnetwork = choose_subnetwork(model, args.subnetwork)
+    if subnetwork is None and args.kind != "merged":
+        raise CommandError(f"--as {args.kind} needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
+    with output_folder(args.output, args.overwrite) as folder:
+        if args.kind == "sub-adapter":
+            export_sub_adapter(model, folder, subnetwork)
+        elif args.kind == "compressed":
+            export_compressed_model(model, folder, subnetwork, tokenizer=tokenizer)
+        else:
+            if subnetwork is not None:
+                set_subnetwork(model, subnetwork)
+            merged = model.merge_and_unload()
+            merged.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            mask = Path(args.base) / "sparsity_mask.safetensors"
+            if mask.is_file():  # a GPTQ base's pruned positions: a merged SparsePEFT adapter keeps them
+                shutil.copyfile(mask, folder / mask.name)
+    what = {"sub-adapter": "a stock LoRA adapter", "merged": "the merged model", "compressed": "the compressed model"}
+    print(f"{args.output}: {what[args.kind]}" + (f" of subnetwork {json.dumps(subnetwork)}" if subnetwork else ""))
+
+
 # ------------------------------------------------------------------------------------------ the parser
 
 
@@ -264,6 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset(quantize, "calibration texts (required): a .jsonl/.json/.csv/.parquet file, a saved dataset or "
                  "a hub dataset name")  # fmt: skip
     quantize.set_defaults(run=quantize_command)
+
+    export = commands.add_parser(
+        "export",
+        help="export a subnetwork: a stock LoRA adapter, a merged model, or a compressed (Mode B) model",
+        description="Export ADAPTER (saved with save_pretrained, on BASE) to OUTPUT: 'sub-adapter' writes the "
+        "subnetwork as a stock LoRA adapter that plain PEFT loads; 'merged' merges the adapter into the base (a "
+        "sparse base stays sparse with SparsePEFT, a GPTQ base stays INT4 with QA-SparsePEFT); 'compressed' writes "
+        "the physically smaller model of a Mode B subnetwork.",
+    )
+    export.add_argument("adapter", help="the adapter folder")
+    export.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
+    export.add_argument("--base", required=True, help="the base model: a model id or a local folder")
+    export.add_argument("--as", dest="kind", choices=EXPORTS, default="sub-adapter", help="default: sub-adapter")
+    export.add_argument(
+        "--subnetwork",
+        default="active",
+        help=f"one of {', '.join(SUBNETWORKS)} (default: active, as saved) or a JSON file {{group: choice}}, e.g. "
+        "an entry of a search's Pareto front",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(run=export_command)
     return parser
 
 

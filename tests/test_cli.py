@@ -40,6 +40,7 @@ def texts_file(tmp_path_factory):
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # what the test printed before
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -166,8 +167,94 @@ def test_quantize_equals_the_library_call(capsys, model_dir, texts_file, tokeniz
         load_file(out / "sparsity_mask.safetensors").keys()
         == load_file(reference / "sparsity_mask.safetensors").keys()
     )
-    capsys.readouterr()  # the library call's own output
     code, _, stderr = run(capsys, "quantize", sparse, tmp_path / "other", "--quiet")
     assert (
         code == 2 and stderr == "peft-elastic quantize: error: GPTQ needs calibration texts: --dataset FILE_OR_NAME\n"
     )
+
+
+def elastic_adapter(model_dir, folder, **config):
+    """An elastic adapter with random B factors on the saved tiny model, saved to `folder`; returns the live model."""
+    from conftest import randomize_lora_b
+    from peft import get_peft_model
+
+    from peft_elastic import ElasticLoraConfig
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = ElasticLoraConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=targets, **config)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    randomize_lora_b(model, std=0.2)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_export_sub_adapter_merged_and_compressed(capsys, model_dir, tmp_path):
+    from peft import PeftModel
+
+    import peft_elastic
+
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapter = tmp_path / "adapter"
+    model = elastic_adapter(model_dir, adapter)
+    heuristic = peft_elastic.heuristic_subnetwork(model)
+    peft_elastic.set_subnetwork(model, heuristic)
+    expected = logits(model, ids)
+
+    code, stdout, stderr = run(capsys, "export", adapter, tmp_path / "sub", "--base", model_dir, "--subnetwork",
+                               "heuristic", "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    assert stdout == f"{tmp_path / 'sub'}: a stock LoRA adapter of subnetwork {json.dumps(heuristic)}\n"
+    config = json.loads((tmp_path / "sub" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "sub").eval()
+    torch.testing.assert_close(logits(stock, ids), expected, atol=1e-5, rtol=1e-5)
+
+    front_entry = tmp_path / "best.json"  # an entry of a search's Pareto front
+    front_entry.write_text(json.dumps({"subnetwork": heuristic, "metric": 1.0, "cost": 2.0}))
+    code, _, stderr = run(capsys, "export", adapter, tmp_path / "merged", "--base", model_dir, "--as", "merged",
+                          "--subnetwork", front_entry, "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, ids), expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+    mode_b = tmp_path / "mode_b"
+    model = elastic_adapter(model_dir, mode_b, width_choices=[1.0, 0.5], head_choices=[1.0, 0.5])
+    minimal = peft_elastic.minimal_subnetwork(model)
+    peft_elastic.set_subnetwork(model, minimal)
+    code, _, stderr = run(capsys, "export", mode_b, tmp_path / "small", "--base", model_dir, "--as", "compressed",
+                          "--subnetwork", "minimal", "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    small = peft_elastic.load_compressed_model(tmp_path / "small").eval()
+    assert small.model.layers[0].mlp.up_proj.out_features == 64  # half of 128: physically smaller
+    torch.testing.assert_close(logits(small, ids), logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_export_errors(capsys, model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    elastic_adapter(model_dir, adapter)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"model.layers.9.mlp.up_proj": 8}))
+    stock = tmp_path / "stock"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4)).save_pretrained(stock)
+    cases = [
+        ([adapter, "--subnetwork", "midpoint"], "--subnetwork 'midpoint': use one of ['active', 'heuristic'"),
+        ([adapter, "--subnetwork", unknown], "Unknown group name(s) ['model.layers.9.mlp.up_proj']"),
+        ([tmp_path, "--subnetwork", "heuristic"], f"adapter '{tmp_path}' is not an adapter folder"),
+        ([stock, "--subnetwork", "heuristic"], "the adapter is not elastic (it has one size); leave it out"),
+        ([stock, "--as", "compressed"], "--as compressed needs an elastic adapter"),
+    ]
+    for argv, message in cases:
+        code, stdout, stderr = run(
+            capsys, "export", argv[0], tmp_path / "out", "--base", model_dir, *argv[1:], "--quiet"
+        )
+        assert code == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, (argv, stderr)
+        assert not (tmp_path / "out").exists()
+    assert run(capsys, "export", stock, tmp_path / "out", "--base", model_dir, "--as", "merged", "--quiet")[0] == 0
