@@ -5,6 +5,7 @@ complete, so a failed run leaves nothing half-written. An existing output folder
     peft-elastic sparsify MODEL OUTPUT [--method wanda|magnitude] [--sparsity 0.5 | --pattern 2:4] [--dataset D]
     peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
     peft-elastic export ADAPTER OUTPUT --base MODEL [--as sub-adapter|merged|compressed] [--subnetwork heuristic]
+    peft-elastic search ADAPTER OUTPUT --base MODEL --dataset VAL [--strategy nsga2] [--cost params] [--n-trials 100]
 
 Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
 """
@@ -19,6 +20,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from .search.run import COSTS
+from .search.strategies import STRATEGIES
 
 PROG = "peft-elastic"
 
@@ -47,9 +51,9 @@ def load_model(name_or_path: str):
     return model, tokenizer
 
 
-def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str]:
-    """The `text_column` of a local .jsonl/.json/.csv/.parquet file, a folder saved with `Dataset.save_to_disk`, or
-    a dataset on the hub (its `split`)."""
+def load_data(dataset: str, split: str = "train"):
+    """A `datasets.Dataset` from a local .jsonl/.json/.csv/.parquet file, a folder saved with
+    `Dataset.save_to_disk`, or a dataset on the hub (its `split`)."""
     import datasets
 
     path = Path(dataset)
@@ -69,11 +73,23 @@ def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str
         raise CommandError(f"cannot load dataset {dataset!r}: {_first_line(error)}") from None
     if isinstance(data, datasets.DatasetDict):
         raise CommandError(f"dataset {dataset!r} has several splits {list(data)}; give one")
-    if text_column not in data.column_names:
-        raise CommandError(
-            f"dataset {dataset!r} has no column {text_column!r}; its columns: {data.column_names} (use --text-column)"
-        )
-    return [str(text) for text in data[text_column]]
+    return data
+
+
+def load_columns(dataset: str, columns: list[str], split: str = "train"):
+    """`load_data`, checked to hold every column of `columns` (the option that names each is in the message)."""
+    data = load_data(dataset, split)
+    for column, option in columns:
+        if column not in data.column_names:
+            raise CommandError(
+                f"dataset {dataset!r} has no column {column!r}; its columns: {data.column_names} (use {option})"
+            )
+    return data
+
+
+def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str]:
+    """The `text_column` of `load_data(dataset, split)`."""
+    return [str(text) for text in load_columns(dataset, [(text_column, "--text-column")], split)[text_column]]
 
 
 @contextmanager
@@ -266,6 +282,39 @@ def export_command(args: argparse.Namespace) -> None:
     print(f"{args.output}: {what[args.kind]}" + (f" of subnetwork {json.dumps(subnetwork)}" if subnetwork else ""))
 
 
+def search_command(args: argparse.Namespace) -> None:
+    from .search import ExactMatchEvaluator, LossEvaluator, run_search
+
+    model, tokenizer = load_adapter(args.base, args.adapter)
+    if choose_subnetwork(model, "active") is None:
+        raise CommandError("search needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
+    if args.answer_column is None:
+        texts = load_texts(args.dataset, args.text_column, args.split)
+        evaluate = LossEvaluator(texts, tokenizer, max_length=args.max_length, num_samples=args.num_samples)
+    else:
+        columns = [(args.text_column, "--text-column"), (args.answer_column, "--answer-column")]
+        rows = load_columns(args.dataset, columns, args.split)
+        evaluate = ExactMatchEvaluator(
+            rows, tokenizer, prompt_column=args.text_column, answer_column=args.answer_column,
+            num_samples=args.num_samples,
+        )  # fmt: skip
+    with output_folder(args.output, args.overwrite) as folder:
+        result = run_search(
+            model, evaluate, strategy=args.strategy, cost=args.cost, n_trials=args.n_trials, seed=args.seed,
+            storage=args.storage or f"sqlite:///{folder / 'search.db'}", progress=not args.quiet,
+        )  # fmt: skip
+        best = result.best(max_metric_drop=args.max_metric_drop)
+        result.save(folder / "result.json")
+        (folder / "best.json").write_text(json.dumps(best, indent=1))
+        (folder / "pareto_front.json").write_text(json.dumps(result.pareto_front(), indent=1))
+        result.plot_progression(folder / "search.png")
+    print(
+        f"{args.output}: {len(result.trials)} trials, {len(result.pareto_front())} on the Pareto front; the cheapest "
+        f"within {args.max_metric_drop:.1%} of the maximal subnetwork: metric {best['metric']:.4g}, cost "
+        f"{best['cost']:.4g} (best.json)"
+    )
+
+
 # ------------------------------------------------------------------------------------------ the parser
 
 
@@ -365,6 +414,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
     export.add_argument("--quiet", action="store_true", help="no progress bars")
     export.set_defaults(run=export_command)
+
+    search = commands.add_parser(
+        "search",
+        help="search a trained super-adapter for Pareto-optimal subnetworks (validation metric vs cost)",
+        description="Search the subnetworks of ADAPTER (on BASE) for the best trade-offs between a validation metric "
+        "(the loss of --dataset's texts, or with --answer-column the exact-match accuracy of generated answers) and "
+        "a cost. Writes result.json (every trial), pareto_front.json, best.json (the cheapest subnetwork within "
+        "--max-metric-drop of the maximal one: pass it to 'export --subnetwork') and search.png to OUTPUT.",
+    )
+    search.add_argument("adapter", help="the adapter folder (an elastic adapter saved with save_pretrained)")
+    search.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
+    search.add_argument("--base", required=True, help="the base model: a model id or a local folder")
+    search.add_argument("--dataset", required=True, help="the validation data (never the test split)")
+    search.add_argument("--text-column", default="text", help="texts (loss) or prompts (exact match); default text")
+    search.add_argument("--answer-column", help="reference answers: score exact-match accuracy instead of the loss")
+    search.add_argument("--split", default="validation", help="the split of a hub dataset (default: validation)")
+    search.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
+    search.add_argument("--num-samples", type=_positive, default=256, help="validation examples used (default 256)")
+    search.add_argument("--strategy", choices=STRATEGIES, default="nsga2", help="default: nsga2")
+    search.add_argument("--cost", choices=COSTS, default="params", help="default: params (of the deployed model)")
+    search.add_argument("--n-trials", type=_positive, default=100, help="default: 100")
+    search.add_argument("--seed", type=int, default=0, help="default: 0")
+    search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
+    search.add_argument("--storage", help="an optuna storage URL to resume from (default: OUTPUT/search.db)")
+    search.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+    search.set_defaults(run=search_command)
     return parser
 
 

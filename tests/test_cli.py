@@ -258,3 +258,41 @@ def test_export_errors(capsys, model_dir, tmp_path):
         assert code == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, (argv, stderr)
         assert not (tmp_path / "out").exists()
     assert run(capsys, "export", stock, tmp_path / "out", "--base", model_dir, "--as", "merged", "--quiet")[0] == 0
+
+
+def test_search_then_export_its_best(capsys, model_dir, texts_file, tmp_path):
+    """search writes the trials, the front and best.json; export takes best.json as --subnetwork."""
+    import peft_elastic
+    from peft_elastic.search import SearchResult
+
+    adapter = tmp_path / "adapter"
+    elastic_adapter(model_dir, adapter, width_choices=[1.0, 0.5])
+    out = tmp_path / "search"
+    code, stdout, stderr = run(capsys, "search", adapter, out, "--base", model_dir, "--dataset", texts_file,
+                               "--n-trials", 12, "--strategy", "random", "--num-samples", 16, "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["best.json", "pareto_front.json", "result.json", "search.db",
+                                                      "search.png"]  # fmt: skip
+    result = SearchResult.load(out / "result.json")
+    best = json.loads((out / "best.json").read_text())
+    assert len(result.trials) == 12 and best == result.best(max_metric_drop=0.01)
+    assert json.loads((out / "pareto_front.json").read_text()) == result.pareto_front()
+    assert stdout.startswith(f"{out}: 12 trials, {len(result.pareto_front())} on the Pareto front; the cheapest")
+    # the metric is the validation loss of the trial's subnetwork, as LossEvaluator computes it on the same texts
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    peft_elastic.set_subnetwork(model, best["subnetwork"])
+    tokenizer = train_tokenizer(TEXTS, vocab_size=96)
+    loss = peft_elastic.search.LossEvaluator(TEXTS, tokenizer, max_length=512, num_samples=16)(model)
+    assert best["metric"] == pytest.approx(loss, rel=1e-6)
+    assert best["cost"] == peft_elastic.count_parameters(model)
+
+    code, stdout, stderr = run(capsys, "export", adapter, tmp_path / "small", "--base", model_dir, "--as",
+                               "compressed", "--subnetwork", out / "best.json", "--quiet")  # fmt: skip
+    assert code == 0 and json.dumps(best["subnetwork"]) in stdout, stderr
+    small = peft_elastic.load_compressed_model(tmp_path / "small")
+    assert sum(p.numel() for p in small.parameters()) == best["cost"]  # the deployed model the search priced
+    code, _, stderr = run(capsys, "search", adapter, tmp_path / "s2", "--base", model_dir, "--dataset", texts_file,
+                          "--answer-column", "answer", "--quiet")  # fmt: skip
+    assert code == 2 and "has no column 'answer'; its columns: ['text', 'id'] (use --answer-column)" in stderr
