@@ -338,11 +338,21 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_io(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+def _add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_io(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+    _add_output(parser)
+
+
+def _add_adapter_io(parser: argparse.ArgumentParser, adapter_help: str) -> None:
+    parser.add_argument("adapter", help=adapter_help)
+    _add_output(parser)
+    parser.add_argument("--base", required=True, help="the base model: a model id or a local folder")
 
 
 def _add_dataset(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -350,6 +360,7 @@ def _add_dataset(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
     parser.add_argument("--split", default="train", help="the split of a hub dataset (default: train)")
     parser.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
+    parser.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.add_argument("--method", choices=["wanda", "magnitude"], default="wanda", help="default: wanda")
     sparsify.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to zero per row")
     sparsify.add_argument("--pattern", default="unstructured", help='"unstructured" (default) or N:M, e.g. 2:4')
-    sparsify.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
     sparsify.add_argument("--skip-modules", nargs="*", default=[], metavar="NAME", help="layers to keep dense")
     _add_dataset(sparsify, "calibration texts for Wanda: a .jsonl/.json/.csv/.parquet file, a saved dataset or a "
                  "hub dataset name")  # fmt: skip
@@ -388,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric)")
     quantize.add_argument("--desc-act", action="store_true", help="act-order (permutes g_idx)")
     quantize.add_argument("--damp-percent", type=float, default=0.05, help="GPTQ dampening (default 0.05)")
-    quantize.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
     _add_dataset(quantize, "calibration texts (required): a .jsonl/.json/.csv/.parquet file, a saved dataset or "
                  "a hub dataset name")  # fmt: skip
     quantize.set_defaults(run=quantize_command)
@@ -401,9 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sparse base stays sparse with SparsePEFT, a GPTQ base stays INT4 with QA-SparsePEFT); 'compressed' writes "
         "the physically smaller model of a Mode B subnetwork.",
     )
-    export.add_argument("adapter", help="the adapter folder")
-    export.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
-    export.add_argument("--base", required=True, help="the base model: a model id or a local folder")
+    _add_adapter_io(export, "the adapter folder (save_pretrained)")
     export.add_argument("--as", dest="kind", choices=EXPORTS, default="sub-adapter", help="default: sub-adapter")
     export.add_argument(
         "--subnetwork",
@@ -411,8 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(SUBNETWORKS)} (default: active, as saved) or a JSON file {{group: choice}}, e.g. "
         "an entry of a search's Pareto front",
     )
-    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
-    export.add_argument("--quiet", action="store_true", help="no progress bars")
     export.set_defaults(run=export_command)
 
     search = commands.add_parser(
@@ -423,9 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a cost. Writes result.json (every trial), pareto_front.json, best.json (the cheapest subnetwork within "
         "--max-metric-drop of the maximal one: pass it to 'export --subnetwork') and search.png to OUTPUT.",
     )
-    search.add_argument("adapter", help="the adapter folder (an elastic adapter saved with save_pretrained)")
-    search.add_argument("output", help="the folder to write (refused if it exists, unless --overwrite)")
-    search.add_argument("--base", required=True, help="the base model: a model id or a local folder")
+    _add_adapter_io(search, "the adapter folder (an elastic adapter saved with save_pretrained)")
     search.add_argument("--dataset", required=True, help="the validation data (never the test split)")
     search.add_argument("--text-column", default="text", help="texts (loss) or prompts (exact match); default text")
     search.add_argument("--answer-column", help="reference answers: score exact-match accuracy instead of the loss")
@@ -438,8 +441,6 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0, help="default: 0")
     search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
     search.add_argument("--storage", help="an optuna storage URL to resume from (default: OUTPUT/search.db)")
-    search.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (once the run succeeds)")
-    search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.set_defaults(run=search_command)
     return parser
 
