@@ -6,6 +6,7 @@ complete, so a failed run leaves nothing half-written. An existing output folder
     peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
     peft-elastic export ADAPTER OUTPUT --base MODEL [--as sub-adapter|merged|compressed] [--subnetwork heuristic]
     peft-elastic search ADAPTER OUTPUT --base MODEL --dataset VAL [--strategy nsga2] [--cost params] [--n-trials 100]
+    peft-elastic eval MODEL [--adapter A --subnetwork S] (--dataset TEST [--answer-column A] | --tasks T)
 
 Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
 """
@@ -219,8 +220,9 @@ def load_adapter(base: str, adapter: str):
 
 
 def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
-    """The subnetwork `choice` names: one of `SUBNETWORKS` or a JSON file holding `{group: choice}` (or a search
-    result's entry, `{"subnetwork": {...}, ...}`); None for a model without an elastic adapter and "active"."""
+    """Activate the subnetwork `choice` names on `model` and return it: one of `SUBNETWORKS` or a JSON file holding
+    `{group: choice}` (or a search result's entry, `{"subnetwork": {...}, ...}`). None for a model without an
+    elastic adapter (with "active")."""
     from . import subnetwork as subnetworks
 
     elastic = True
@@ -239,7 +241,9 @@ def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
             "maximal": subnetworks.maximal_subnetwork,
             "minimal": subnetworks.minimal_subnetwork,
         }[choice]
-        return pick(model)
+        chosen = pick(model)
+        subnetworks.set_subnetwork(model, chosen)
+        return chosen
     path = Path(choice)
     if not path.is_file():
         raise CommandError(f"--subnetwork {choice!r}: use one of {list(SUBNETWORKS)} or a JSON file")
@@ -256,7 +260,6 @@ def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    from . import set_subnetwork
     from .compressed import export_compressed_model
     from .export import export_sub_adapter
 
@@ -270,9 +273,7 @@ def export_command(args: argparse.Namespace) -> None:
         elif args.kind == "compressed":
             export_compressed_model(model, folder, subnetwork, tokenizer=tokenizer)
         else:
-            if subnetwork is not None:
-                set_subnetwork(model, subnetwork)
-            merged = model.merge_and_unload()
+            merged = model.merge_and_unload()  # at the subnetwork choose_subnetwork activated
             merged.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             mask = Path(args.base) / "sparsity_mask.safetensors"
@@ -313,6 +314,39 @@ def search_command(args: argparse.Namespace) -> None:
         f"within {args.max_metric_drop:.1%} of the maximal subnetwork: metric {best['metric']:.4g}, cost "
         f"{best['cost']:.4g} (best.json)"
     )
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from .search import ExactMatchEvaluator, LMEvalEvaluator, LossEvaluator
+
+    if (args.dataset is None) == (args.tasks is None):
+        raise CommandError("give either --dataset (loss or exact match) or --tasks (lm-evaluation-harness), not both")
+    if args.adapter is not None:
+        model, tokenizer = load_adapter(args.model, args.adapter)
+        subnetwork = choose_subnetwork(model, args.subnetwork)
+    elif args.subnetwork != "active":
+        raise CommandError(f"--subnetwork {args.subnetwork}: only with --adapter")
+    else:
+        (model, tokenizer), subnetwork = load_model(args.model), None
+    if args.tasks is not None:
+        evaluate = LMEvalEvaluator(
+            args.tasks.split(","), tokenizer, metric=args.metric, include_path=args.include_path, limit=args.limit
+        )
+        name = f"{args.metric} ({args.tasks})"
+    elif args.answer_column is None:
+        texts = load_texts(args.dataset, args.text_column, args.split)
+        evaluate = LossEvaluator(texts, tokenizer, max_length=args.max_length, num_samples=args.limit)
+        name = "loss"
+    else:
+        columns = [(args.text_column, "--text-column"), (args.answer_column, "--answer-column")]
+        rows = load_columns(args.dataset, columns, args.split)
+        evaluate = ExactMatchEvaluator(
+            rows, tokenizer, prompt_column=args.text_column, answer_column=args.answer_column, num_samples=args.limit
+        )
+        name = "exact-match accuracy"
+    value = evaluate(model)
+    print(json.dumps({"metric": name, "value": value, "model": args.model, "adapter": args.adapter,
+                      "subnetwork": subnetwork}))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the parser
@@ -442,6 +476,28 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
     search.add_argument("--storage", help="an optuna storage URL to resume from (default: OUTPUT/search.db)")
     search.set_defaults(run=search_command)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a model (or an adapter's subnetwork): loss, exact match, or lm-evaluation-harness tasks",
+        description="Evaluate MODEL, or ADAPTER on it at --subnetwork, and print one JSON line {metric, value, ...}: "
+        "the loss of --dataset's texts, the exact-match accuracy of answers generated for its prompts "
+        "(--answer-column), or --tasks of lm-evaluation-harness (the eval extra) run in memory.",
+    )
+    evaluate.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+    evaluate.add_argument("--adapter", help="an adapter folder to evaluate on MODEL")
+    evaluate.add_argument("--subnetwork", default="active", help="with --adapter: as for 'export' (default: active)")
+    evaluate.add_argument("--dataset", help="the evaluation data (a file, a saved dataset or a hub dataset)")
+    evaluate.add_argument("--text-column", default="text", help="texts (loss) or prompts (exact match)")
+    evaluate.add_argument("--answer-column", help="reference answers: exact-match accuracy instead of the loss")
+    evaluate.add_argument("--split", default="test", help="the split of a hub dataset (default: test)")
+    evaluate.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
+    evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (instead of --dataset)")
+    evaluate.add_argument("--include-path", help="a folder of your own lm-evaluation-harness task YAMLs")
+    evaluate.add_argument("--metric", default="acc", help="the lm-evaluation-harness metric (default: acc)")
+    evaluate.add_argument("--limit", type=_positive, help="evaluate at most this many examples (per task)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=eval_command)
     return parser
 
 

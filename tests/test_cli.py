@@ -296,3 +296,37 @@ def test_search_then_export_its_best(capsys, model_dir, texts_file, tmp_path):
     code, _, stderr = run(capsys, "search", adapter, tmp_path / "s2", "--base", model_dir, "--dataset", texts_file,
                           "--answer-column", "answer", "--quiet")  # fmt: skip
     assert code == 2 and "has no column 'answer'; its columns: ['text', 'id'] (use --answer-column)" in stderr
+
+
+def test_eval_equals_the_evaluators(capsys, model_dir, texts_file, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    import peft_elastic
+    from peft_elastic.search import ExactMatchEvaluator, LossEvaluator
+
+    adapter = tmp_path / "adapter"
+    elastic_adapter(model_dir, adapter)
+    code, stdout, stderr = run(capsys, "eval", model_dir, "--adapter", adapter, "--subnetwork", "minimal",
+                               "--dataset", texts_file, "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    printed = json.loads(stdout)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    minimal = peft_elastic.minimal_subnetwork(model)
+    peft_elastic.set_subnetwork(model, minimal)
+    assert printed["metric"] == "loss" and printed["subnetwork"] == minimal
+    assert printed["value"] == pytest.approx(LossEvaluator(TEXTS, tokenizer, num_samples=None)(model), rel=1e-6)
+
+    problems = tmp_path / "problems.jsonl"
+    rows = [{"prompt": p["prompt"], "answer": p["completion"]} for p in arithmetic_problems(6, seed=9)]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, stdout, _ = run(capsys, "eval", model_dir, "--dataset", problems, "--text-column", "prompt",
+                          "--answer-column", "answer", "--quiet")  # fmt: skip
+    expected = ExactMatchEvaluator(rows, tokenizer)(AutoModelForCausalLM.from_pretrained(model_dir))
+    assert code == 0 and json.loads(stdout)["value"] == expected and json.loads(stdout)["subnetwork"] is None
+
+    for argv, message in [
+        ([model_dir], "give either --dataset (loss or exact match) or --tasks (lm-evaluation-harness), not both"),
+        ([model_dir, "--dataset", texts_file, "--subnetwork", "minimal"], "--subnetwork minimal: only with --adapter"),
+    ]:
+        code, stdout, stderr = run(capsys, "eval", *argv, "--quiet")
+        assert (code, stdout) == (2, "") and stderr == f"peft-elastic eval: error: {message}\n"
