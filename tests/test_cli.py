@@ -330,3 +330,30 @@ def test_eval_equals_the_evaluators(capsys, model_dir, texts_file, tokenizer, tm
     ]:
         code, stdout, stderr = run(capsys, "eval", *argv, "--quiet")
         assert (code, stdout) == (2, "") and stderr == f"peft-elastic eval: error: {message}\n"
+
+
+def test_eval_runs_lm_evaluation_harness_tasks(capsys, tmp_path):
+    pytest.importorskip("lm_eval")
+    from peft_elastic.search import LMEvalEvaluator
+
+    # characters only: an answer's tokens never merge with the prompt's (lm-eval needs a non-empty continuation)
+    tokenizer = train_tokenizer(TEXTS, vocab_size=20)
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    data = tmp_path / "choice.jsonl"
+    rows = [{"q": p["prompt"], "choices": [p["completion"], "7", "13"]} for p in arithmetic_problems(8, seed=3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy_cli_choice.yaml").write_text(
+        f"task: toy_cli_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\ntarget_delimiter: ""\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n'
+    )
+    code, stdout, stderr = run(capsys, "eval", model_dir, "--tasks", "toy_cli_choice", "--include-path", tmp_path,
+                               "--quiet")  # fmt: skip
+    assert code == 0, stderr
+    printed = json.loads(stdout.splitlines()[-1])
+    evaluator = LMEvalEvaluator("toy_cli_choice", tokenizer, include_path=tmp_path)
+    assert printed["metric"] == "acc (toy_cli_choice)"
+    assert printed["value"] == evaluator(AutoModelForCausalLM.from_pretrained(model_dir))

@@ -140,3 +140,15 @@ def test_bad_inputs_get_clear_errors(tokenizer, task_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"pip install 'peft-elastic\[eval\]'"):
         LMEvalEvaluator("toy_choice", tokenizer, include_path=task_dir)
+
+
+def test_an_empty_continuation_gets_a_clear_error(task_dir):
+    """With merges, "A:" and a one-digit answer can become one token: lm-eval's bare assert becomes a message."""
+    merging = train_tokenizer([p["prompt"] + p["completion"] for p in arithmetic_problems(64)], vocab_size=96)
+    model = get_peft_model(tiny_llama(vocab_size=len(merging)), NLSConfig(r=8, rank_choices=[8, 4]))
+    assert any(
+        len(merging.encode(p["prompt"] + p["completion"])) <= len(merging.encode(p["prompt"])) for p in PROBLEMS
+    ), "no answer merges with its prompt under this tokenizer: the test would not test anything"
+    evaluator = LMEvalEvaluator("toy_answer", merging, metric="perplexity", include_path=task_dir)
+    with pytest.raises(ValueError, match=r"rejected a request.*target_delimiter.*\(huggingface.py:\d+\)"):
+        evaluator(model)

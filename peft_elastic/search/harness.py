@@ -123,6 +123,13 @@ class LMEvalEvaluator:
                 bootstrap_iters=0,
                 log_samples=False,
             )
+        except AssertionError as error:  # lm-eval checks its requests with bare asserts
+            raise ValueError(
+                "lm-evaluation-harness rejected a request (a failed internal check). With a loglikelihood or "
+                "multiple-choice task this is usually an answer whose tokens merge with the end of its prompt, which "
+                "leaves an empty continuation: give the task a target_delimiter that separates them (the default "
+                f"' ') or a tokenizer that keeps them apart. ({_where(error)})"
+            ) from error
         finally:
             model.train(was_training)
         self.last_results = results
@@ -136,6 +143,14 @@ class LMEvalEvaluator:
                 raise ValueError(f"lm-eval reported no results for task {name!r}; reported: {sorted(results)}.")
             values.append(_metric_value(entry, self.metric, name))
         return sum(values) / len(values)
+
+
+def _where(error: BaseException) -> str:
+    """`file:line` of the frame that raised `error`."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return f"{Path(frame.tb_frame.f_code.co_filename).name}:{frame.tb_lineno}" if frame is not None else "unknown"
 
 
 def _metric_value(entry: Mapping, metric: str, task: str) -> float:
