@@ -6,6 +6,7 @@ complete, so a failed run leaves nothing half-written. An existing output folder
     peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
     peft-elastic export ADAPTER OUTPUT --base MODEL [--as sub-adapter|merged|compressed] [--subnetwork heuristic]
     peft-elastic search ADAPTER OUTPUT --base MODEL --dataset VAL [--strategy nsga2] [--cost params] [--n-trials 100]
+    peft-elastic train MODEL OUTPUT --dataset D [--method nls|elastic-lora|sparse-peft] [--sampler random] [--r 32]
     peft-elastic eval MODEL [--adapter A --subnetwork S] (--dataset TEST [--answer-column A] | --tasks T)
 
 Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .search.run import COSTS
 from .search.strategies import STRATEGIES
+from .training.samplers import STRATEGIES as SAMPLERS
 
 PROG = "peft-elastic"
 
@@ -349,6 +351,75 @@ def eval_command(args: argparse.Namespace) -> None:
                       "subnetwork": subnetwork}))  # fmt: skip
 
 
+METHODS = ("nls", "elastic-lora", "sparse-peft")
+
+
+def adapter_config(args: argparse.Namespace):
+    """The tuner config the `train` arguments describe (its own checks raise clear ValueErrors)."""
+    from . import ElasticLoraConfig, NLSConfig, SparsePEFTConfig
+
+    config_class = {"nls": NLSConfig, "elastic-lora": ElasticLoraConfig, "sparse-peft": SparsePEFTConfig}[args.method]
+    options = {"r": args.r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else 2 * args.r}
+    if args.rank_choices is not None:
+        options["rank_choices"] = args.rank_choices
+    if args.target_modules is not None:
+        options["target_modules"] = args.target_modules
+    if args.width_choices is not None:
+        options["width_choices"] = args.width_choices
+    if args.quantization_aware:
+        options["quantization_aware"] = True
+    try:
+        return config_class(**options)
+    except TypeError as error:  # an option this tuner does not have
+        raise CommandError(f"--method {args.method}: {_first_line(error)}") from None
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from .training import ElasticSFTTrainer, SubnetworkSamplingCallback
+
+    config = adapter_config(args)
+    if args.completion_column is None:
+        data = load_columns(args.dataset, [(args.text_column, "--text-column")], args.split)
+        rows = [{"text": str(text)} for text in data[args.text_column]]
+    else:
+        columns = [(args.text_column, "--text-column"), (args.completion_column, "--completion-column")]
+        data = load_columns(args.dataset, columns, args.split)
+        rows = [{"prompt": str(row[args.text_column]), "completion": str(row[args.completion_column])} for row in data]
+    model, tokenizer = load_model(args.model)
+    with output_folder(args.output, args.overwrite) as folder, tempfile.TemporaryDirectory() as scratch:
+        trainer = ElasticSFTTrainer(
+            model=model,
+            args=SFTConfig(
+                output_dir=scratch,  # checkpoints are not kept: OUTPUT gets the trained adapter
+                max_steps=args.max_steps,
+                per_device_train_batch_size=args.batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                learning_rate=args.learning_rate,
+                max_length=args.max_length,
+                seed=args.seed,
+                bf16=args.bf16,
+                report_to=[],
+                save_strategy="no",
+                logging_steps=max(1, args.max_steps // 10),
+                disable_tqdm=args.quiet,
+            ),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=config,
+            callbacks=[SubnetworkSamplingCallback(strategy=args.sampler, seed=args.seed)],
+        )
+        output = trainer.train()
+        trainer.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    print(
+        f"{args.output}: {type(config).__name__} adapter trained {output.global_step} steps ({args.sampler} "
+        f"subnetworks), mean training loss {output.training_loss:.4f}"
+    )
+
+
 # ------------------------------------------------------------------------------------------ the parser
 
 
@@ -370,6 +441,27 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not >= 1")
     return value
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _names(text: str) -> list[str]:
+    names = [item.strip() for item in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names")
+    return names
 
 
 def _add_output(parser: argparse.ArgumentParser) -> None:
@@ -476,6 +568,37 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
     search.add_argument("--storage", help="an optuna storage URL to resume from (default: OUTPUT/search.db)")
     search.set_defaults(run=search_command)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune an elastic adapter (NLS, ElasticLoRA, SparsePEFT) with TRL's SFTTrainer",
+        description="Train a super-adapter on MODEL with TRL's SFTTrainer, a different subnetwork per optimizer "
+        "step (--sampler), and save the adapter (and tokenizer) to OUTPUT. Texts come from --text-column, or "
+        "prompt/completion pairs from --text-column and --completion-column (the loss on completions only).",
+    )
+    _add_io(train)
+    train.add_argument("--dataset", required=True, help="a .jsonl/.json/.csv/.parquet file, a saved or hub dataset")
+    train.add_argument("--text-column", default="text", help="the texts, or the prompts (default: text)")
+    train.add_argument("--completion-column", help="the completions: train on prompt/completion pairs")
+    train.add_argument("--split", default="train", help="the split of a hub dataset (default: train)")
+    train.add_argument("--method", choices=METHODS, default="nls", help="the tuner (default: nls, Shears)")
+    train.add_argument("--r", type=_positive, default=32, help="the maximal rank (default 32)")
+    train.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 r)")
+    train.add_argument(
+        "--rank-choices", type=_ints, help="comma-separated ranks, e.g. 32,24,16 (default: the tuner's)"
+    )
+    train.add_argument("--target-modules", type=_names, help="comma-separated module names (default: the tuner's)")
+    train.add_argument("--width-choices", type=_floats, help="Mode B, elastic-lora only: e.g. 1.0,0.75,0.5")
+    train.add_argument("--quantization-aware", action="store_true", help="sparse-peft on a GPTQ model: QA-SparsePEFT")
+    train.add_argument("--sampler", choices=sorted(SAMPLERS), default="random", help="default: random")
+    train.add_argument("--max-steps", type=_positive, default=100, help="optimizer steps (default 100)")
+    train.add_argument("--learning-rate", type=float, default=3e-4, help="default: 3e-4")
+    train.add_argument("--batch-size", type=_positive, default=8, help="per device (default 8)")
+    train.add_argument("--gradient-accumulation-steps", type=_positive, default=1, help="default: 1")
+    train.add_argument("--max-length", type=_positive, default=512, help="truncate examples to this many tokens")
+    train.add_argument("--seed", type=int, default=0, help="default: 0")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    train.set_defaults(run=train_command)
 
     evaluate = commands.add_parser(
         "eval",

@@ -357,3 +357,45 @@ def test_eval_runs_lm_evaluation_harness_tasks(capsys, tmp_path):
     evaluator = LMEvalEvaluator("toy_cli_choice", tokenizer, include_path=tmp_path)
     assert printed["metric"] == "acc (toy_cli_choice)"
     assert printed["value"] == evaluator(AutoModelForCausalLM.from_pretrained(model_dir))
+
+
+def test_train_saves_a_trained_super_adapter(capsys, model_dir, tmp_path):
+    from peft import PeftConfig, PeftModel
+
+    import peft_elastic
+
+    data = tmp_path / "train.jsonl"
+    problems = arithmetic_problems(32, seed=11)
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "adapter"
+    code, stdout, stderr = run(
+        capsys, "train", model_dir, out, "--dataset", data, "--text-column", "prompt", "--completion-column",
+        "completion", "--r", 8, "--rank-choices", "8,4", "--target-modules", "q_proj,v_proj,up_proj",
+        "--sampler", "sandwich", "--max-steps", 3, "--batch-size", 4, "--learning-rate", 1e-2, "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1].startswith(f"{out}: NLSConfig adapter trained 3 steps (sandwich subnetworks)")
+    config = PeftConfig.from_pretrained(out)
+    assert (config.r, config.rank_choices, sorted(config.target_modules)) == (
+        8,
+        [8, 4],
+        ["q_proj", "up_proj", "v_proj"],
+    )
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    space = peft_elastic.search_space(model)
+    assert len(space) == 2 * 2 and all(choices == [8, 4] for choices in space.values())  # q+v share a rank
+    trained = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(trained) == 2 * 3 and all(torch.count_nonzero(p) > 0 for p in trained)  # B starts at zero
+
+    for argv, message in [
+        (["--rank-choices", "8,x"], "argument --rank-choices: '8,x' is not a comma-separated list of integers"),
+        (["--method", "nls", "--width-choices", "1.0,0.5"], "error: NLSConfig searches adapter ranks only"),
+        (["--text-column", "question"], "has no column 'question'; its columns: ['prompt', 'completion']"),
+    ]:
+        if argv[0] == "--rank-choices":
+            with pytest.raises(SystemExit):
+                main(["train", str(model_dir), str(tmp_path / "x"), "--dataset", str(data), *argv])
+            assert message in capsys.readouterr().err
+            continue
+        code, _, stderr = run(capsys, "train", model_dir, tmp_path / "x", "--dataset", data, *argv, "--quiet")
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
