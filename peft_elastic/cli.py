@@ -481,12 +481,24 @@ def _add_adapter_io(parser: argparse.ArgumentParser, adapter_help: str) -> None:
     parser.add_argument("--base", required=True, help="the base model: a model id or a local folder")
 
 
-def _add_dataset(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--dataset", help=help_text)
-    parser.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
-    parser.add_argument("--split", default="train", help="the split of a hub dataset (default: train)")
+def _add_dataset(
+    parser: argparse.ArgumentParser,
+    help_text: str,
+    *,
+    required: bool = False,
+    split: str = "train",
+    text_help: str = "the column holding the texts",
+    num_samples: int | None = 128,
+) -> None:
+    """--dataset, --text-column, --split, --max-length and (unless `num_samples` is None) --num-samples."""
+    parser.add_argument("--dataset", required=required, help=f"{help_text}: a .jsonl/.json/.csv/.parquet file, a "
+                        "saved dataset or a hub dataset name")  # fmt: skip
+    parser.add_argument("--text-column", default="text", help=f"{text_help} (default: text)")
+    parser.add_argument("--split", default=split, help=f"the split of a hub dataset (default: {split})")
     parser.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
-    parser.add_argument("--num-samples", type=_positive, default=128, help="calibration texts used (default 128)")
+    if num_samples is not None:
+        help_samples = f"examples used (default {num_samples})"
+        parser.add_argument("--num-samples", type=_positive, default=num_samples, help=help_samples)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,8 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to zero per row")
     sparsify.add_argument("--pattern", default="unstructured", help='"unstructured" (default) or N:M, e.g. 2:4')
     sparsify.add_argument("--skip-modules", nargs="*", default=[], metavar="NAME", help="layers to keep dense")
-    _add_dataset(sparsify, "calibration texts for Wanda: a .jsonl/.json/.csv/.parquet file, a saved dataset or a "
-                 "hub dataset name")  # fmt: skip
+    _add_dataset(sparsify, "calibration texts for Wanda")
     sparsify.set_defaults(run=sparsify_command)
 
     quantize = commands.add_parser(
@@ -524,8 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric)")
     quantize.add_argument("--desc-act", action="store_true", help="act-order (permutes g_idx)")
     quantize.add_argument("--damp-percent", type=float, default=0.05, help="GPTQ dampening (default 0.05)")
-    _add_dataset(quantize, "calibration texts (required): a .jsonl/.json/.csv/.parquet file, a saved dataset or "
-                 "a hub dataset name")  # fmt: skip
+    _add_dataset(quantize, "calibration texts (required)")
     quantize.set_defaults(run=quantize_command)
 
     export = commands.add_parser(
@@ -555,12 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-metric-drop of the maximal one: pass it to 'export --subnetwork') and search.png to OUTPUT.",
     )
     _add_adapter_io(search, "the adapter folder (an elastic adapter saved with save_pretrained)")
-    search.add_argument("--dataset", required=True, help="the validation data (never the test split)")
-    search.add_argument("--text-column", default="text", help="texts (loss) or prompts (exact match); default text")
+    _add_dataset(search, "the validation data (never the test split)", required=True, split="validation",
+                 text_help="texts (loss) or prompts (exact match)", num_samples=256)  # fmt: skip
     search.add_argument("--answer-column", help="reference answers: score exact-match accuracy instead of the loss")
-    search.add_argument("--split", default="validation", help="the split of a hub dataset (default: validation)")
-    search.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
-    search.add_argument("--num-samples", type=_positive, default=256, help="validation examples used (default 256)")
     search.add_argument("--strategy", choices=STRATEGIES, default="nsga2", help="default: nsga2")
     search.add_argument("--cost", choices=COSTS, default="params", help="default: params (of the deployed model)")
     search.add_argument("--n-trials", type=_positive, default=100, help="default: 100")
@@ -577,10 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt/completion pairs from --text-column and --completion-column (the loss on completions only).",
     )
     _add_io(train)
-    train.add_argument("--dataset", required=True, help="a .jsonl/.json/.csv/.parquet file, a saved or hub dataset")
-    train.add_argument("--text-column", default="text", help="the texts, or the prompts (default: text)")
+    _add_dataset(train, "the training data", required=True, text_help="the texts, or the prompts",
+                 num_samples=None)  # fmt: skip
     train.add_argument("--completion-column", help="the completions: train on prompt/completion pairs")
-    train.add_argument("--split", default="train", help="the split of a hub dataset (default: train)")
     train.add_argument("--method", choices=METHODS, default="nls", help="the tuner (default: nls, Shears)")
     train.add_argument("--r", type=_positive, default=32, help="the maximal rank (default 32)")
     train.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 r)")
@@ -595,7 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=3e-4, help="default: 3e-4")
     train.add_argument("--batch-size", type=_positive, default=8, help="per device (default 8)")
     train.add_argument("--gradient-accumulation-steps", type=_positive, default=1, help="default: 1")
-    train.add_argument("--max-length", type=_positive, default=512, help="truncate examples to this many tokens")
     train.add_argument("--seed", type=int, default=0, help="default: 0")
     train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     train.set_defaults(run=train_command)
@@ -610,11 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
     evaluate.add_argument("--adapter", help="an adapter folder to evaluate on MODEL")
     evaluate.add_argument("--subnetwork", default="active", help="with --adapter: as for 'export' (default: active)")
-    evaluate.add_argument("--dataset", help="the evaluation data (a file, a saved dataset or a hub dataset)")
-    evaluate.add_argument("--text-column", default="text", help="texts (loss) or prompts (exact match)")
+    _add_dataset(evaluate, "the evaluation data", split="test", text_help="texts (loss) or prompts (exact match)",
+                 num_samples=None)  # fmt: skip
     evaluate.add_argument("--answer-column", help="reference answers: exact-match accuracy instead of the loss")
-    evaluate.add_argument("--split", default="test", help="the split of a hub dataset (default: test)")
-    evaluate.add_argument("--max-length", type=_positive, default=512, help="truncate texts to this many tokens")
     evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (instead of --dataset)")
     evaluate.add_argument("--include-path", help="a folder of your own lm-evaluation-harness task YAMLs")
     evaluate.add_argument("--metric", default="acc", help="the lm-evaluation-harness metric (default: acc)")
