@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .io import replaced_directory
 from .search.run import COSTS
 from .search.strategies import STRATEGIES
 from .training.samplers import STRATEGIES as SAMPLERS
@@ -46,12 +47,26 @@ def load_model(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
     except OSError as error:
-        if Path(name_or_path).exists():
-            reason = "the folder holds no loadable model and tokenizer"
-        else:
-            reason = "not a local folder, and not a model id reachable from here (offline?)"
-        raise CommandError(f"cannot load model {name_or_path!r}: {reason} ({_first_line(error)})") from None
+        raise _unloadable(name_or_path, error) from None
     return model, tokenizer
+
+
+def check_model(name_or_path: str) -> None:
+    """Raise the `load_model` error if `name_or_path` has no readable model config (without loading any weights)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except OSError as error:
+        raise _unloadable(name_or_path, error) from None
+
+
+def _unloadable(name_or_path: str, error: OSError) -> CommandError:
+    if Path(name_or_path).exists():
+        reason = "the folder holds no loadable model and tokenizer"
+    else:
+        reason = "not a local folder, and not a model id reachable from here (offline?)"
+    return CommandError(f"cannot load model {name_or_path!r}: {reason} ({_first_line(error)})")
 
 
 def load_data(dataset: str, split: str = "train"):
@@ -95,25 +110,12 @@ def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str
     return [str(text) for text in load_columns(dataset, [(text_column, "--text-column")], split)[text_column]]
 
 
-@contextmanager
 def output_folder(target: str, overwrite: bool):
-    """A temporary folder beside `target` to write into; renamed to `target` when the block completes, removed if it
-    fails. An existing `target` is refused unless `overwrite` (then replaced only on success)."""
-    target_path = Path(target)
-    if target_path.exists() and not overwrite:
+    """`replaced_directory(target)`: written under a temporary name, renamed when complete. An existing `target` is
+    refused unless `overwrite` (then replaced whole, only on success)."""
+    if Path(target).exists() and not overwrite:
         raise CommandError(f"output {target!r} exists; choose another path or pass --overwrite")
-    if target_path.exists() and not target_path.is_dir():
-        raise CommandError(f"output {target!r} is a file, not a folder")
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.", dir=target_path.parent))
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if target_path.exists():
-        shutil.rmtree(target_path)
-    temporary.rename(target_path)
+    return replaced_directory(target)
 
 
 @contextmanager
@@ -185,8 +187,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     if args.dataset is None:
         raise CommandError("GPTQ needs calibration texts: --dataset FILE_OR_NAME")
     texts = load_texts(args.dataset, args.text_column, args.split)
-    if not Path(args.model).exists():
-        load_model(args.model)  # a clear error for an unreachable id before gptqmodel tries it
+    check_model(args.model)  # a clear error for an unreachable id before gptqmodel tries it
     with output_folder(args.output, args.overwrite) as folder:
         report = quantize_gptq(
             args.model,

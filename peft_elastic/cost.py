@@ -249,7 +249,6 @@ def count_macs(
     module whose projections are not named like that (e.g. fused `c_attn`). To price many subnetworks, use one
     `CostModel`.
     """
-    _check_count("seq_len", seq_len, 1)
     return CostModel(model, adapter_name).macs(subnetwork, seq_len)
 
 

@@ -167,6 +167,8 @@ def test_quantize_equals_the_library_call(capsys, model_dir, texts_file, tokeniz
         load_file(out / "sparsity_mask.safetensors").keys()
         == load_file(reference / "sparsity_mask.safetensors").keys()
     )
+    code, _, stderr = run(capsys, "quantize", tmp_path / "nowhere", tmp_path / "other", "--dataset", joined, "--quiet")
+    assert code == 2 and f"cannot load model '{tmp_path / 'nowhere'}': not a local folder" in stderr
     code, _, stderr = run(capsys, "quantize", sparse, tmp_path / "other", "--quiet")
     assert (
         code == 2 and stderr == "peft-elastic quantize: error: GPTQ needs calibration texts: --dataset FILE_OR_NAME\n"

@@ -176,14 +176,14 @@ def _task_manager(task_manager_class, tasks: list, include_path):
     built-in ones takes seconds), else the built-in tasks too."""
     names = [t for t in tasks if isinstance(t, str)]
     if include_path is not None:
-        paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-        missing = [str(p) for p in paths if not Path(p).exists()]
+        paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path)]
+        missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise ValueError(f"include_path {missing} does not exist; give the folder(s) holding your task YAMLs.")
-        local = task_manager_class(include_path=[str(p) for p in paths], include_defaults=False)
+        local = task_manager_class(include_path=paths, include_defaults=False)
         if all(name in local.all_tasks for name in names):
             return local
-        return task_manager_class(include_path=[str(p) for p in paths])
+        return task_manager_class(include_path=paths)
     if not names:
         return task_manager_class(include_defaults=False)
     return task_manager_class()
