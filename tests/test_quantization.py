@@ -98,6 +98,13 @@ def test_quantize_gptq_keeps_every_zero(quantized, bits, desc_act):
     for name, zero in zeros.items():
         weight = model.get_submodule(name).dequantize_weight().T
         assert bool((weight[zero] == 0).all()), name  # every pruned weight dequantizes to exactly 0
+    # measure_sparsity reads GPTQ layers: the weights that gptqmodel's own dequantization makes exactly zero
+    measured = peft_elastic.measure_sparsity(model).modules
+    assert set(measured) == set(zeros)
+    for name in zeros:
+        weight = model.get_submodule(name).dequantize_weight()
+        assert measured[name] == (int((weight == 0).sum()), weight.numel()), name
+        assert measured[name][0] >= report.modules[name][0]
     # GPTQ's error feedback had filled some pruned weights: the zero-point restore was needed
     assert report.restored > 0 and report.sparsity == pytest.approx(0.5)
     assert json.loads((path / "quantization_report.json").read_text())["restored"] == report.restored

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..io import staged_directory
 from .calibration import calibration_batches
 from .patterns import Pattern, keep_mask, parse_pattern
-from .structure import block_output, decoder_blocks, first_block_inputs, prunable_modules
+from .structure import PRUNABLE, block_output, decoder_blocks, first_block_inputs, prunable_modules
 
 METHODS = ("wanda", "magnitude")
 
@@ -198,14 +198,26 @@ def _prune(module: nn.Module, scores: torch.Tensor, pattern: Pattern) -> tuple[i
 
 
 def measure_sparsity(model: nn.Module) -> SparsityReport:
-    """The zeros of every linear layer in `model`'s decoder blocks, as they are now."""
+    """The zeros of every linear layer in `model`'s decoder blocks, as they are now. GPTQ layers (standard packed
+    layout, e.g. loaded with `backend="gptq_torch"`) count the weights that dequantize to exactly zero: code equal to
+    its group's zero-point."""
+    from ..quantization.layers import check_standard_layout, codes, is_gptq_layer, zeros
+
     _, blocks = decoder_blocks(model)
     report = SparsityReport("measured", "any", math.nan)
     names = {id(block): name for name, block in model.named_modules() if block in set(blocks)}
     for block in blocks:
-        for name, module in prunable_modules(block).items():
-            weight = _weight(module)
-            report.modules[f"{names[id(block)]}.{name}"] = (int(torch.count_nonzero(weight == 0)), weight.numel())
+        for name, module in block.named_modules():
+            if isinstance(module, PRUNABLE):
+                weight = _weight(module)
+                zero, size = int(torch.count_nonzero(weight == 0)), weight.numel()
+            elif is_gptq_layer(module):
+                check_standard_layout(module, name)
+                q = codes(module)  # in x out
+                zero, size = int(torch.count_nonzero(q == zeros(module)[module.g_idx.long()])), q.numel()
+            else:
+                continue
+            report.modules[f"{names[id(block)]}.{name}"] = (zero, size)
     return report
 
 

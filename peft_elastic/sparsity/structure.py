@@ -21,7 +21,10 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     matching = [(name, m) for name, m in lists if count is None or len(m) == count]
-    matching = [(name, m) for name, m in matching if any(isinstance(x, PRUNABLE) for x in m[0].modules())]
+    from ..quantization.layers import is_gptq_layer
+
+    linear = [(name, m) for name, m in matching if any(isinstance(x, PRUNABLE) for x in m[0].modules())]
+    matching = linear or [(name, m) for name, m in matching if any(map(is_gptq_layer, m[0].modules()))]
     if not matching:
         raise ValueError(
             f"Could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
