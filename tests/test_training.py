@@ -384,6 +384,8 @@ def test_evaluation_subnetworks(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(expected["heuristic"], rel=1e-5)
     for name, loss in expected.items():
         assert metrics[f"eval_{name}_loss"] == pytest.approx(loss, rel=1e-5), name
+    # only the evaluation's own metrics are renamed (the epoch is not an "eval_" metric)
+    assert not [key for key in metrics if key.endswith("_")] and "epoch" in metrics
 
 
 def test_evaluation_during_training_uses_the_eval_subnetwork(tmp_path):

@@ -265,6 +265,10 @@ def test_width_configuration_errors():
             r"needs \['gate_proj', 'up_proj', 'down_proj'\] adapted, but \['down_proj'\] are not in target_modules",
         ),
         (dict(target_modules=ALL, head_choices=[4, 3]), r"head choices \[3\] are not multiples of 2"),
+        (  # the default targets (q/v) hold no MLP layer: the widths would silently not be elastic
+            dict(width_choices=[1.0, 0.5]),
+            r"width_choices is set but no adapted module is one of \['gate_proj', 'up_proj', 'down_proj'\]",
+        ),
         (dict(target_modules=ALL, width_choices=[256, 128]), r"must be its full size 128"),
         (dict(target_modules=ALL, width_choices=[1.0, 0.999]), r"give duplicate sizes \[128, 128\]"),
     ]

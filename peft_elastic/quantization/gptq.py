@@ -88,7 +88,7 @@ def quantize_gptq(
     `datasets.Dataset`, or texts with `tokenizer=`. `bits` in 2/4/8; `group_size` -1 (one group per row) or a
     positive power of two; `sym`/`desc_act` as in GPTQ (`desc_act` = act-order, which permutes `g_idx`). `device`:
     where gptqmodel quantizes (default: CUDA if available, else CPU; on CPU its worker count is set to the number of
-    cores unless `GPTQMODEL_CPU_WORKERS` is set). Writes the checkpoint, the tokenizer, `sparsity_mask.safetensors`
+    cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is set). Writes the checkpoint, the tokenizer, `sparsity_mask.safetensors`
     (pruned positions of every quantized layer) and `quantization_report.json`, atomically; returns the report."""
     check_bits(bits)
     power_of_two = isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
@@ -101,7 +101,7 @@ def quantize_gptq(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cpu":
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
 
     with contextlib.ExitStack() as stack:
         source = _source_checkpoint(model_or_path, tokenizer, stack)

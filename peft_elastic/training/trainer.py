@@ -75,7 +75,8 @@ class ElasticTrainerMixin:
             for name in callback.eval_subnetworks:
                 prefix = f"{metric_key_prefix}_{name}"
                 if callback.activate(name) == callback._eval:  # the main evaluation already measured it
-                    extra = {f"{prefix}_{k[len(metric_key_prefix) + 1 :]}": v for k, v in metrics.items()}
+                    start = f"{metric_key_prefix}_"
+                    extra = {f"{prefix}_{k[len(start) :]}": v for k, v in metrics.items() if k.startswith(start)}
                     self.log(extra)
                 else:
                     extra = super().evaluate(eval_dataset, ignore_keys, prefix)

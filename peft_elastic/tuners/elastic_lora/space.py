@@ -136,6 +136,14 @@ def width_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
                 owner = model.get_submodule(parent)
                 group = _head_group(parent, choices, layers, producers, consumers, getattr(owner, "head_dim", None))
             groups[group.name] = group
+    for kind, _, (producers, consumers) in specs:
+        if not any(name.endswith(f":{kind}") for name in groups):
+            option = "width_choices" if kind == "width" else "head_choices"
+            raise ValueError(
+                f"{option} is set but no adapted module is one of {producers + consumers} (target_modules decides): "
+                f"nothing would be elastic. Add them to target_modules, or change "
+                f"{'width_modules' if kind == 'width' else 'head_modules'}."
+            )
     return groups
 
 
