@@ -39,8 +39,8 @@ class CommandError(Exception):
 
 
 def load_model(name_or_path: str):
-    """A causal LM and its tokenizer from a hub id or a local folder (float32 on CPU unless the checkpoint is
-    quantized)."""
+    """A causal LM and its tokenizer from a hub id or a local folder, in the dtype its checkpoint was saved in
+    (`dtype="auto"`: a bfloat16 checkpoint stays bfloat16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -421,6 +421,24 @@ def train_command(args: argparse.Namespace) -> None:
     )
 
 
+def demo_command(args: argparse.Namespace) -> None:
+    import os
+
+    from .demo import FULL, QUICK, default_cache_dir, run
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))  # read when gptqmodel is imported
+    settings = QUICK if args.quick else FULL
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.output is None:
+        folder = Path(tempfile.mkdtemp(prefix="peft_elastic_demo_"))
+        run(settings, folder, cache_dir)
+    else:
+        with output_folder(args.output, args.overwrite) as staging:
+            run(settings, staging, cache_dir)
+        folder = Path(args.output)
+    print(f"Models, adapters and the tables (tables.md, results.json) are in {folder}")
+
+
 # ------------------------------------------------------------------------------------------ the parser
 
 
@@ -625,6 +643,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive, help="evaluate at most this many examples (per task)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=eval_command)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the offline demo: the papers' two tables, in shape, on a small model pre-trained here",
+        description="Pre-train (once; cached) a small Llama on synthetic arithmetic, then reproduce the shape of the "
+        "papers' tables on GSM8K-like word problems: Table 2 (50%% Wanda sparsity: LoRA, Shears, SQFT + SparsePEFT, "
+        "SQFT on INT4, SQFT + QA-SparsePEFT) and Table 1 (Mode B / LoNAS against LoRA: accuracy, parameters, MACs, "
+        "CPU speedup). About 10 minutes on 2 CPU cores; nothing is downloaded.",
+    )
+    demo.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run (its accuracies mean nothing)")
+    demo.add_argument("--output", help="keep the models, adapters and tables here (default: a new temporary folder)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --output if it exists (once the run succeeds)")
+    demo.add_argument("--cache-dir", type=Path, help="where the pre-trained base is cached (default: "
+                      "$PEFT_ELASTIC_CACHE, else ~/.cache/peft_elastic)")  # fmt: skip
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=demo_command)
     return parser
 
 
@@ -635,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _progress_bars(not getattr(args, "quiet", False)):
             run(args)
-    except (CommandError, ValueError) as error:
+    except (CommandError, ValueError, ImportError, OSError) as error:  # bad input or setup: one line, no traceback
         print(f"{PROG} {args.command}: error: {_first_line(error)}", file=sys.stderr)
         return 2
     return 0

@@ -6,18 +6,26 @@ from __future__ import annotations
 import random
 
 import torch
-from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 96) -> PreTrainedTokenizerFast:
-    """A byte-pair-encoding tokenizer trained on `texts` (characters first, then merges up to `vocab_size`)."""
+def train_tokenizer(texts: list[str], vocab_size: int = 96, words: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-pair-encoding tokenizer trained on `texts` (characters first, then merges up to `vocab_size`). With
+    `words`, merges stay inside words and numbers are split into digits, as in Llama's tokenizer: a space becomes "▁"
+    at the start of the next word (SentencePiece's convention), so that a prompt ending before a space never merges
+    with its answer, and every digit is a token of its own, which makes arithmetic learnable."""
     if not texts:
         raise ValueError("train_tokenizer needs at least one text to learn a vocabulary from.")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.decoder = decoders.BPEDecoder()
+    if words:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(prepend_scheme="never"), pre_tokenizers.Digits(individual_digits=True)]
+        )
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(

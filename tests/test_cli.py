@@ -401,3 +401,10 @@ def test_train_saves_a_trained_super_adapter(capsys, model_dir, tmp_path):
             continue
         code, _, stderr = run(capsys, "train", model_dir, tmp_path / "x", "--dataset", data, *argv, "--quiet")
         assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+
+
+def test_a_missing_optional_package_is_one_line(capsys, model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
+    code, stdout, stderr = run(capsys, "eval", model_dir, "--tasks", "arc_easy", "--quiet")
+    assert (code, stdout) == (2, "") and stderr.count("\n") == 1
+    assert stderr.startswith("peft-elastic eval: error: LMEvalEvaluator needs lm-evaluation-harness")

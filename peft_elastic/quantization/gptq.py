@@ -88,8 +88,9 @@ def quantize_gptq(
     `datasets.Dataset`, or texts with `tokenizer=`. `bits` in 2/4/8; `group_size` -1 (one group per row) or a
     positive power of two; `sym`/`desc_act` as in GPTQ (`desc_act` = act-order, which permutes `g_idx`). `device`:
     where gptqmodel quantizes (default: CUDA if available, else CPU; on CPU its worker count is set to the number of
-    cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is set). Writes the checkpoint, the tokenizer, `sparsity_mask.safetensors`
-    (pruned positions of every quantized layer) and `quantization_report.json`, atomically; returns the report."""
+    cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is set). Writes the checkpoint, the
+    tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized layer) and `quantization_report.json`,
+    atomically; returns the report."""
     check_bits(bits)
     power_of_two = isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
     if not (group_size == -1 or power_of_two):

@@ -1,4 +1,4 @@
-"""The README's main job (the demo) and the examples run, and say what they should."""
+"""The quickstart and Shears examples run, and say what they should (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_elastic import demo
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_demo_trains_compares_exports_and_reloads(tmp_path, capsys):
-    figures = demo.main(["--steps", "12", "--output-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "Trained 12 steps" in out and "Reloaded with plain peft.PeftModel" in out
-    for label in ("maximal", "heuristic", "minimal"):
-        assert figures[label] < figures["base"]  # training helped every subnetwork
-    assert figures["stock_reload"] == figures["heuristic"]
-    assert figures["stock_max_logit_diff"] < 1e-5
-    assert (tmp_path / "heuristic-lora" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "super-adapter" / "adapter_config.json").is_file()
-
-
-def test_demo_rejects_bad_steps(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        demo.main(["--steps", "0"])
-    assert exit_.value.code == 2
-    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_quickstart_example(tmp_path):

@@ -1,0 +1,123 @@
+"""The demo's base model: a small Llama pre-trained here on the task's corpus, built once and cached.
+
+The cache entry is keyed by everything that determines the weights (the pre-training settings and the task's
+version), so changing a setting builds a new base instead of reusing a stale one. It is written to a temporary folder
+and renamed when complete: an interrupted build leaves nothing behind that a later run could mistake for a base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..io import staged_directory
+from ..toy import tiny_llama, train_tokenizer
+from .task import TASK_VERSION, pretraining_texts
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSettings:
+    """What the pre-trained base is: its shape, its tokenizer and how it is trained (batch of `batch_size`
+    documents, AdamW with linear warm-up and cosine decay)."""
+
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    vocab_size: int = 256
+    steps: int = 1200
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    worked_fraction: float = 0.1
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short name for the cache entry of this base."""
+        blob = json.dumps({**dataclasses.asdict(self), "task": TASK_VERSION}, sort_keys=True)
+        return f"base-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def default_cache_dir() -> Path:
+    """`$PEFT_ELASTIC_CACHE`, else `$XDG_CACHE_HOME/peft_elastic`, else `~/.cache/peft_elastic`."""
+    if os.environ.get("PEFT_ELASTIC_CACHE"):
+        return Path(os.environ["PEFT_ELASTIC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft_elastic"
+
+
+def pretrained_base(settings: BaseSettings, held_out: set[str], cache_dir: Path, log=print) -> Path:
+    """The folder of the pre-trained base (model, tokenizer and `pretraining.json`), built if it is not cached.
+    `held_out`: prompts that must not appear in the pre-training corpus (the validation and test problems)."""
+    folder = Path(cache_dir) / settings.key()
+    if (folder / "pretraining.json").is_file():
+        log(f"Pre-trained base: {folder} (cached)")
+        return folder
+    log(f"Pre-training the base ({settings.steps} steps); cached in {folder} for later runs ...")
+    start = time.perf_counter()
+    model, tokenizer, losses = pretrain(settings, held_out)
+    with staged_directory(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {
+            "settings": dataclasses.asdict(settings),
+            "task_version": TASK_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "first_loss": losses[0],
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"  loss {record['first_loss']:.3f} -> {record['final_loss']:.3f} in {record['seconds']:.0f} s")
+    return folder
+
+
+def pretrain(settings: BaseSettings, held_out: set[str]):
+    """Train a new tokenizer and a randomly initialised Llama on the pre-training corpus (loss on every token).
+    Returns (model, tokenizer, per-step losses)."""
+    texts = pretraining_texts(settings.steps * settings.batch_size, held_out, settings.seed, settings.worked_fraction)
+    tokenizer = train_tokenizer(texts[:5000], vocab_size=settings.vocab_size, words=True)
+    model = tiny_llama(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+        seed=settings.seed,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
+    warmup, steps = settings.warmup_steps, settings.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / steps))
+    )
+    model.train()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        for step in range(steps):
+            batch = texts[step * settings.batch_size : (step + 1) * settings.batch_size]
+            encoded = tokenizer([text + tokenizer.eos_token for text in batch], return_tensors="pt", padding=True)
+            labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+            loss = model(**encoded, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    return model.eval(), tokenizer, losses
+
+
+def load_base(folder: Path):
+    """(model, tokenizer) of a cached base, in float32 and eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)

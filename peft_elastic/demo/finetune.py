@@ -1,0 +1,78 @@
+"""Fine-tuning and scoring for the demo: TRL's SFTTrainer on prompt/completion pairs (the loss on the completions
+only), with a subnetwork per step for elastic adapters, and exact-match accuracy of greedy answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from ..search.evaluators import ExactMatchEvaluator
+from ..training import ElasticSFTTrainer, SubnetworkSamplingCallback
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """The same budget for every method: `steps` optimizer steps of `batch_size` problems, AdamW at `learning_rate`
+    with warm-up and cosine decay, adapters of rank `r` (elastic ones: `rank_choices` r, 3r/4, r/2)."""
+
+    steps: int = 150
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    r: int = 8
+    seed: int = 0
+
+    @property
+    def rank_choices(self) -> list[int]:
+        return [self.r, 3 * self.r // 4, self.r // 2]
+
+
+#: Every linear layer of the decoder blocks, as in the papers' recipes.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(settings: FinetuneSettings) -> LoraConfig:
+    """Stock PEFT LoRA: the baseline of both tables."""
+    return LoraConfig(r=settings.r, lora_alpha=2 * settings.r, target_modules=TARGETS, task_type="CAUSAL_LM")
+
+
+def finetune(model, peft_config, tokenizer, rows: list[dict[str, str]], settings: FinetuneSettings, strategy=None):
+    """Fine-tune `model` with `peft_config` on `rows` (prompt/completion dicts) and return the PeftModel, in eval mode.
+    With `strategy` (a sampler name), a new subnetwork per optimizer step (`ElasticSFTTrainer`); without it, plain
+    `SFTTrainer`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            max_steps=settings.steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, settings.steps // 20),
+            weight_decay=0.0,
+            max_length=128,
+            seed=settings.seed,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=max(1, settings.steps // 5),
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        options = dict(args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        if strategy is None:
+            trainer = SFTTrainer(model=model, peft_config=peft_config, **options)
+        else:
+            callback = SubnetworkSamplingCallback(strategy=strategy, seed=settings.seed)
+            trainer = ElasticSFTTrainer(model=model, peft_config=peft_config, callbacks=[callback], **options)
+        trainer.train()
+    return trainer.model.eval()
+
+
+def accuracy_of(rows: list[dict[str, str]], tokenizer) -> ExactMatchEvaluator:
+    """Exact match of the number after "####" in a greedy answer of at most 32 tokens."""
+    return ExactMatchEvaluator(rows, tokenizer, answer_column="completion", max_new_tokens=32, batch_size=64)

@@ -1,0 +1,140 @@
+"""The LoNAS table (Table 1 of the papers, in shape): Mode B elastic adapters on the dense base against LoRA.
+
+LoRA is merged into the base (a model of the base's size: the 1.00x reference). The Mode B super-network (elastic
+ranks, MLP widths and attention heads, channels ordered by importance first) is trained with the same budget per
+subnetwork; its heuristic subnetwork and two subnetworks found by an NSGA-II search on the *validation* split are
+exported as physically smaller models and scored on the test split. Parameters and MACs (per token) are those of the
+exported model; the speedup is LoRA's median forward time over the model's, timed side by side in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .. import (
+    ElasticLoraConfig,
+    count_macs,
+    count_parameters,
+    export_compressed_model,
+    heuristic_subnetwork,
+    load_compressed_model,
+    measure_latency,
+    reorder_by_importance,
+    set_subnetwork,
+)
+from ..search import run_search
+from .base import load_base
+from .finetune import TARGETS, FinetuneSettings, accuracy_of, finetune, lora_config
+
+#: MLP widths and attention heads a subnetwork may keep (fractions of the base's; heads in whole key/value groups).
+WIDTH_CHOICES = [1.0, 0.75, 0.5]
+HEAD_CHOICES = [1.0, 0.5]
+#: Latency: batch x tokens of every timed forward pass, and rounds (each times every model once, in rotated order).
+LATENCY_INPUT = (8, 64)
+
+
+@dataclasses.dataclass
+class CostRow:
+    """One line of the table."""
+
+    method: str
+    accuracy: float
+    validation_accuracy: float
+    params: int
+    macs: int
+    latency_ms: float = float("nan")
+    speedup: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The Mode B super-network's training steps and the search's budget."""
+
+    steps: int = 300
+    strategy: str = "sandwich"
+    trials: int = 40
+    latency_rounds: int = 15
+
+
+def lonas_table(
+    base_dir: Path, data: dict, settings: FinetuneSettings, search: SearchSettings, out: Path, log=print
+) -> list[CostRow]:
+    """Run LoRA and LoNAS on the dense base; exported models go to `out`. Returns the rows in the table's order."""
+    model, tokenizer = load_base(base_dir)
+    test, validation = accuracy_of(data["test"], tokenizer), accuracy_of(data["validation"], tokenizer)
+    train = data["train"]
+    seq_len = LATENCY_INPUT[1]
+
+    lora = finetune(model, lora_config(settings), tokenizer, train, settings)
+    lora_scores = test(lora), validation(lora)
+    merged = lora.merge_and_unload()
+    rows = [CostRow("LoRA (merged)", *lora_scores, count_parameters(merged), count_macs(merged, seq_len=seq_len))]
+    models = [merged]
+    log(f"  LoRA: {rows[0].accuracy:.1%}")
+
+    base, _ = load_base(base_dir)
+    calibration = [p["prompt"] + p["completion"] for p in train[:128]]
+    reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128)
+    config = ElasticLoraConfig(
+        r=settings.r,
+        lora_alpha=2 * settings.r,
+        rank_choices=settings.rank_choices,
+        target_modules=TARGETS,
+        width_choices=WIDTH_CHOICES,
+        head_choices=HEAD_CHOICES,
+    )
+    budget = dataclasses.replace(settings, steps=search.steps)
+    supernet = finetune(base, config, tokenizer, train, budget, search.strategy)
+    supernet.save_pretrained(out / "lonas-super-adapter")
+
+    heuristic = heuristic_subnetwork(supernet)
+    set_subnetwork(supernet, heuristic)
+    heuristic_val = validation(supernet)
+    result = run_search(supernet, validation, "nsga2", "macs", search.trials, seq_len=seq_len, progress=False)
+    result.save(out / "lonas-search.json")
+    heuristic_macs = count_macs(supernet, heuristic, seq_len=seq_len)
+    within = [t for t in result.complete() if t["cost"] <= heuristic_macs]
+    chosen = [("LoNAS (heuristic subnetwork)", heuristic, heuristic_val)]
+    if within:  # the most accurate on validation that costs no more than the heuristic
+        best = max(within, key=lambda t: (t["metric"], -t["cost"]))
+        chosen.append(("LoNAS (search subnetwork 1)", best["subnetwork"], best["metric"]))
+    try:  # LoNAS's rule: the cheapest within 2 % of the maximal subnetwork's validation accuracy
+        cheapest = result.best(0.02)
+        chosen.append(("LoNAS (search subnetwork 2)", cheapest["subnetwork"], cheapest["metric"]))
+    except ValueError as error:
+        log(f"  search subnetwork 2: {error}")
+
+    for index, (method, subnetwork, val_accuracy) in enumerate(chosen):
+        folder = export_compressed_model(supernet, out / f"lonas-subnetwork-{index}", subnetwork, tokenizer=tokenizer)
+        small = load_compressed_model(folder, dtype=torch.float32).eval()
+        rows.append(
+            CostRow(method, test(small), val_accuracy, count_parameters(small), count_macs(small, seq_len=seq_len))
+        )
+        models.append(small)
+        log(f"  {method}: {rows[-1].accuracy:.1%}")
+
+    for row, latency in zip(rows, side_by_side_latency(models, search.latency_rounds), strict=True):
+        row.latency_ms = latency * 1000
+        row.speedup = rows[0].latency_ms / row.latency_ms if row is not rows[0] else 1.0
+    (out / "table1.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    return rows
+
+
+def side_by_side_latency(models: list, rounds: int) -> list[float]:
+    """Median seconds of one forward pass of each model on the same random tokens, timed in `rounds` rounds that run
+    every model once in an order rotated from round to round (so that a slow spell of the machine hits all)."""
+    batch, seq_len = LATENCY_INPUT
+    vocab = models[0].get_input_embeddings().num_embeddings
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    times: list[list[float]] = [[] for _ in models]
+    for model in models:  # warm-up
+        measure_latency(model, input_ids, warmup=2, repeats=1)
+    for round_ in range(rounds):
+        for offset in range(len(models)):
+            index = (round_ + offset) % len(models)
+            times[index].append(measure_latency(models[index], input_ids, warmup=0, repeats=1).median)
+    return [sorted(t)[len(t) // 2] for t in times]

@@ -1,0 +1,136 @@
+"""The SQFT / Shears table (Table 2 of the papers, in shape): one 50 %-sparse base, fine-tuned by each method with the
+same budget, scored on the test split.
+
+| method                 | base                       | adapter                         | deployed as               |
+| w/o tune (dense)       | the pre-trained base       | none                            | FP32                      |
+| w/o tune (sparse)      | 50 % Wanda                 | none                            | FP32                      |
+| LoRA                   | 50 % Wanda                 | stock PEFT LoRA                 | FP32 base + FP32 adapter  |
+| Shears                 | 50 % Wanda                 | NLS, heuristic subnetwork       | FP32 base + FP32 adapter  |
+| SQFT + SparsePEFT      | 50 % Wanda                 | SparsePEFT, heuristic, merged   | FP32, sparse              |
+| SQFT                   | 50 % Wanda, GPTQ INT4      | NLS, heuristic subnetwork       | INT4 base + FP32 adapter  |
+| SQFT + QA-SparsePEFT   | 50 % Wanda, GPTQ INT4      | QA-SparsePEFT, heuristic, merged| INT4, sparse              |
+
+"Sparsity" is the fraction of zero weights in the decoder's linear layers of the model as deployed; "after merge" is
+what `merge_and_unload()` leaves (LoRA and Shears adapters are dense: merging them fills the zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPTQConfig
+
+from .. import NLSConfig, SparsePEFTConfig, heuristic_subnetwork, measure_sparsity, quantize_gptq, set_subnetwork
+from ..sparsity import save_sparsified, sparsify
+from .base import load_base
+from .finetune import TARGETS, FinetuneSettings, accuracy_of, finetune, lora_config
+
+#: GPTQ settings of the INT4 rows (groups of 32: the demo's layers are only 128-384 inputs wide).
+GPTQ = {"bits": 4, "group_size": 32}
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of a table."""
+
+    key: str  # dense, sparse, lora, shears, sparse_peft, sqft, qa_sparse_peft
+    method: str
+    accuracy: float
+    sparsity: float
+    merged_sparsity: float | None  # None: not mergeable (an FP adapter on an INT4 base)
+    precision: str
+
+
+def load_gptq(path: Path):
+    """A GPTQ checkpoint on CPU with the standard-layout torch kernel, computing in float32."""
+    config = GPTQConfig(bits=GPTQ["bits"], backend="gptq_torch")
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    )
+
+
+def elastic(config_class, settings: FinetuneSettings, **options):
+    return config_class(
+        r=settings.r, lora_alpha=2 * settings.r, rank_choices=settings.rank_choices, target_modules=TARGETS, **options
+    )
+
+
+def heuristic(model):
+    """`model` with its heuristic (midpoint) subnetwork active, as Shears and SQFT evaluate."""
+    set_subnetwork(model, heuristic_subnetwork(model))
+    return model
+
+
+def sqft_table(base_dir: Path, data: dict, settings: FinetuneSettings, out: Path, log=print) -> list[Row]:
+    """Run every pipeline of the table; artefacts go to `out` (the sparse base, its INT4 version, the adapters and
+    the merged models). Returns the rows in the table's order."""
+    model, tokenizer = load_base(base_dir)
+    test = accuracy_of(data["test"], tokenizer)
+    train = data["train"]
+    rows = [Row("dense", "w/o tune (dense)", test(model), measure_sparsity(model).sparsity, None, "FP32")]
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    calibration = [p["prompt"] + p["completion"] for p in train[:128]]
+    report = sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
+    save_sparsified(model, out / "sparse-base", report, tokenizer)
+    rows.append(Row("sparse", "w/o tune (50% Wanda)", test(model), report.sparsity, None, "FP32"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    def sparse_base():
+        return load_base(out / "sparse-base")[0]
+
+    lora = finetune(sparse_base(), lora_config(settings), tokenizer, train, settings)
+    rows.append(_unmerged("lora", "LoRA", test(lora), lora, report.sparsity, "FP32 + FP32"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    shears = heuristic(finetune(sparse_base(), elastic(NLSConfig, settings), tokenizer, train, settings, "random"))
+    shears.save_pretrained(out / "shears-nls-adapter")
+    rows.append(_unmerged("shears", "Shears (NLS, heuristic)", test(shears), shears, report.sparsity, "FP32 + FP32"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    sparse_peft = heuristic(
+        finetune(sparse_base(), elastic(SparsePEFTConfig, settings), tokenizer, train, settings, "random")
+    )
+    merged = sparse_peft.merge_and_unload()
+    save_sparsified(merged, out / "sqft-sparsepeft-merged", tokenizer=tokenizer)
+    sparsity = measure_sparsity(merged).sparsity
+    rows.append(Row("sparse_peft", "SQFT + SparsePEFT (merged)", test(merged), sparsity, sparsity, "FP32"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    quantized = quantize_gptq(out / "sparse-base", out / "sparse-int4", calibration, tokenizer=tokenizer, **GPTQ)
+    log(f"  quantized: {quantized}")
+    int4_sparsity = measure_sparsity(load_gptq(out / "sparse-int4")).sparsity
+
+    nls = elastic(NLSConfig, settings)
+    sqft = heuristic(finetune(load_gptq(out / "sparse-int4"), nls, tokenizer, train, settings, "random"))
+    sqft.save_pretrained(out / "sqft-int4-nls-adapter")
+    rows.append(Row("sqft", "SQFT (INT4 + FP adapter)", test(sqft), int4_sparsity, None, "INT4 + FP32"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+
+    qa = heuristic(
+        finetune(
+            load_gptq(out / "sparse-int4"),
+            elastic(SparsePEFTConfig, settings, quantization_aware=True),
+            tokenizer,
+            train,
+            settings,
+            "random",
+        )
+    )
+    qa.merge_and_unload().save_pretrained(out / "sqft-qa-int4-merged")
+    tokenizer.save_pretrained(out / "sqft-qa-int4-merged")
+    merged = load_gptq(out / "sqft-qa-int4-merged")  # scored as reloaded: the checkpoint is the deliverable
+    sparsity = measure_sparsity(merged).sparsity
+    rows.append(Row("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", test(merged), sparsity, sparsity, "INT4"))
+    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    (out / "table2.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    return rows
+
+
+def _unmerged(key: str, method: str, accuracy: float, model, sparsity: float, precision: str) -> Row:
+    """A row for a dense adapter on the frozen sparse base (of `sparsity`): deployed unmerged, since merging fills the
+    zeros (measured: the model is merged here, after scoring)."""
+    return Row(key, method, accuracy, sparsity, measure_sparsity(model.merge_and_unload()).sparsity, precision)

@@ -1,0 +1,100 @@
+"""The demo's task: GSM8K-shaped arithmetic word problems, generated offline.
+
+A problem is a short story with two or three steps of addition/subtraction and a question; its answer, as in GSM8K, is
+the worked calculation followed by "#### <number>":
+
+    prompt:      "Question: Mia has 23 shells. She finds 9 more. Then she gives away 5. How many shells does Mia have
+                  now?\nAnswer:"
+    completion:  " 23+9=32. 32-5=27.\n#### 27"
+
+Numbers stay small (a start of 5..30, steps of 1..9) so that a model of a million parameters learns the arithmetic
+in a minute of CPU pre-training.
+
+The pre-training corpus (`pretraining_texts`) holds what a base model would know beforehand: bare equations, stories
+in the same words without questions, and worked problems of one step only. `splits` gives disjoint
+train/validation/test sets of problems; the pre-training corpus never contains a validation or test prompt.
+"""
+
+from __future__ import annotations
+
+import random
+
+#: Bump when the generators change: the cached pre-trained base depends on them.
+TASK_VERSION = 1
+
+NAMES = [("Tom", "He", "his"), ("Ann", "She", "her"), ("Sam", "He", "his"), ("Mia", "She", "her"),
+         ("Ben", "He", "his"), ("Eva", "She", "her"), ("Leo", "He", "his"), ("Zoe", "She", "her")]  # fmt: skip
+ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "eggs", "stamps"]
+GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "picks up {n} more"]
+LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
+#: Operations per problem of the task; the pre-training corpus only works one-step problems, so the base knows the
+#: format and the arithmetic but has to learn to chain steps (as GSM8K asks more of a model than its pre-training).
+TASK_STEPS = (2, 3)
+QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
+
+
+def _problem(rng: random.Random, steps: int) -> tuple[str, str, str]:
+    """(story, question, worked answer) of one problem with `steps` operations."""
+    name, pronoun, _ = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    total = rng.randint(5, 30)
+    sentences = [f"{name} has {total} {item}."]
+    work = []
+    for step in range(steps):
+        if total > 5 and rng.random() < 0.5:
+            n = rng.randint(1, min(total - 1, 9))
+            phrase, new = rng.choice(LOSSES).format(n=n), total - n
+            work.append(f"{total}-{n}={new}.")
+        else:
+            n = rng.randint(1, 9)
+            phrase, new = rng.choice(GAINS).format(n=n), total + n
+            work.append(f"{total}+{n}={new}.")
+        sentences.append(f"{pronoun if step == 0 else 'Then ' + pronoun.lower()} {phrase}.")
+        total = new
+    question = rng.choice(QUESTIONS).format(item=item, name=name)
+    return " ".join(sentences), question, " " + " ".join(work) + f"\n#### {total}"
+
+
+def word_problem(rng: random.Random, steps: int) -> dict[str, str]:
+    """One problem `{"prompt": ..., "completion": ...}` of `steps` operations."""
+    story, question, answer = _problem(rng, steps)
+    return {"prompt": f"Question: {story} {question}\nAnswer:", "completion": answer}
+
+
+def splits(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    """Disjoint train / validation / test problems of two or three steps (no prompt in two splits)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: dict[str, list[dict[str, str]]] = {}
+    for split, size in (("test", n_test), ("validation", n_validation), ("train", n_train)):
+        rows = []
+        while len(rows) < size:
+            problem = word_problem(rng, rng.choice(TASK_STEPS))
+            if problem["prompt"] not in seen:
+                seen.add(problem["prompt"])
+                rows.append(problem)
+        out[split] = rows
+    return {"train": out["train"], "validation": out["validation"], "test": out["test"]}
+
+
+def pretraining_texts(n: int, held_out: set[str], seed: int = 0, worked_fraction: float = 0.1) -> list[str]:
+    """`n` documents for pre-training: equation drills, stories without a question, and (`worked_fraction` of them)
+    worked one-step problems (never a prompt in `held_out`)."""
+    rng = random.Random(seed + 7919)
+    texts = []
+    while len(texts) < n:
+        kind = rng.random()
+        if kind < worked_fraction:
+            problem = word_problem(rng, 1)
+            if problem["prompt"] in held_out:
+                continue
+            texts.append(problem["prompt"] + problem["completion"])
+        elif kind < 0.55 + worked_fraction / 2:
+            equations = []
+            for _ in range(6):
+                a, b = rng.randint(0, 59), rng.randint(0, 9)
+                equations.append(f"{a}+{b}={a + b}." if rng.random() < 0.5 or b > a else f"{a}-{b}={a - b}.")
+            texts.append(" ".join(equations))
+        else:
+            texts.append(" ".join(_problem(rng, rng.randint(1, 3))[0] for _ in range(2)))
+    return texts

@@ -1,0 +1,158 @@
+"""The demo (the README's main job): its task, its tokenizer, its cached base, and a quick end-to-end run through the
+CLI whose tables are checked against what each pipeline must produce."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from peft_elastic import cli
+from peft_elastic.demo import QUICK
+from peft_elastic.demo import base as demo_base
+from peft_elastic.demo.task import pretraining_texts, splits, word_problem
+from peft_elastic.toy import train_tokenizer
+
+EQUATION = re.compile(r"(\d+)([+-])(\d+)=(\d+)\.")
+
+
+def check_problem(problem: dict[str, str]) -> None:
+    """Every equation of the worked answer is right, chains from the story's numbers, and "####" gives the result."""
+    numbers = [int(n) for n in re.findall(r"\d+", problem["prompt"])]
+    equations = EQUATION.findall(problem["completion"])
+    assert 2 <= len(equations) == len(numbers) - 1 <= 3, problem
+    total = numbers[0]
+    for (a, op, b, result), n in zip(equations, numbers[1:], strict=True):
+        assert (int(a), int(b)) == (total, n), problem
+        total = total + n if op == "+" else total - n
+        assert int(result) == total >= 0, problem
+        assert ("more" in problem["prompt"]) or op == "-", problem
+    assert problem["completion"].endswith(f"\n#### {total}"), problem
+
+
+def test_problems_are_right_and_splits_disjoint():
+    data = splits(300, 50, 80, seed=3)
+    assert [len(data[s]) for s in ("train", "validation", "test")] == [300, 50, 80]
+    prompts = [p["prompt"] for split in data.values() for p in split]
+    assert len(set(prompts)) == len(prompts)
+    for split in data.values():
+        for problem in split:
+            check_problem(problem)
+    assert splits(300, 50, 80, seed=3) == data  # deterministic
+    held_out = {p["prompt"] for p in data["test"] + data["validation"]}
+    corpus = pretraining_texts(3000, held_out, seed=3, worked_fraction=0.3)
+    worked = [t for t in corpus if t.startswith("Question:")]
+    assert 0.2 < len(worked) / len(corpus) < 0.4
+    assert not any(t.split("\nAnswer:")[0] + "\nAnswer:" in held_out for t in worked)
+    drills = [t for t in corpus if EQUATION.match(t)]
+    for text in drills:
+        for a, op, b, result in EQUATION.findall(text):
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_word_tokenizer_keeps_prompts_as_prefixes_and_digits_apart():
+    import random
+
+    rng = random.Random(0)
+    problems = [word_problem(rng, rng.randint(1, 3)) for _ in range(300)]
+    texts = [p["prompt"] + p["completion"] for p in problems]
+    tokenizer = train_tokenizer(texts, vocab_size=200, words=True)
+    for problem, text in zip(problems, texts, strict=True):
+        ids, prompt = tokenizer(text).input_ids, tokenizer(problem["prompt"]).input_ids
+        assert ids[: len(prompt)] == prompt  # what TRL's completion-only loss assumes
+        assert tokenizer.decode(ids) == text
+    pieces = {tokenizer.decode([i]) for i in tokenizer(" ".join(texts)).input_ids}
+    assert all(not any(c.isdigit() for c in piece) or piece.strip().isdigit() and len(piece) == 1 for piece in pieces)
+    # without words=True, merges run across the prompt's end: the problem this option solves
+    plain = train_tokenizer(texts, vocab_size=200)
+    broken = sum(plain(t).input_ids[: len(plain(p["prompt"]).input_ids)] != plain(p["prompt"]).input_ids
+                 for p, t in zip(problems, texts, strict=True))  # fmt: skip
+    assert broken > 0
+
+
+def test_base_is_built_once_per_setting_and_never_half_written(tmp_path, monkeypatch):
+    settings = dataclasses.replace(QUICK.base, steps=3)
+    folder = demo_base.pretrained_base(settings, set(), tmp_path, log=lambda *_: None)
+    record = json.loads((folder / "pretraining.json").read_text())
+    assert record["settings"]["steps"] == 3 and record["parameters"] > 0
+    model, tokenizer = demo_base.load_base(folder)
+    assert model.config.hidden_size == settings.hidden_size and len(tokenizer) <= settings.vocab_size
+
+    def fail(*_):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(demo_base, "pretrain", fail)
+    assert demo_base.pretrained_base(settings, set(), tmp_path, log=lambda *_: None) == folder  # cached: no training
+    other = dataclasses.replace(settings, steps=4)
+    assert other.key() != settings.key()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        demo_base.pretrained_base(other, set(), tmp_path, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # nothing of the failed build is left
+
+
+def test_cache_dir_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFT_ELASTIC_CACHE", str(tmp_path / "x"))
+    assert demo_base.default_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("PEFT_ELASTIC_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert demo_base.default_cache_dir() == tmp_path / "peft_elastic"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    output = root / "out"
+    code = cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache"), "--quiet"])
+    return code, output, root
+
+
+def test_quick_demo_tables(quick_demo, capsys):
+    code, output, _ = quick_demo
+    assert code == 0
+    results = json.loads((output / "results.json").read_text())
+    table2 = {row["key"]: row for row in results["table2"]}
+    assert list(table2) == ["dense", "sparse", "lora", "shears", "sparse_peft", "sqft", "qa_sparse_peft"]
+    assert table2["dense"]["sparsity"] == 0
+    for key in ("sparse", "lora", "shears", "sparse_peft"):
+        assert table2[key]["sparsity"] == 0.5, key  # Wanda at 50 % per output row: exactly half of every layer
+    assert table2["sparse_peft"]["merged_sparsity"] == 0.5  # SparsePEFT's merge keeps every zero
+    assert table2["lora"]["merged_sparsity"] < 0.01 and table2["shears"]["merged_sparsity"] < 0.01  # dense updates
+    assert table2["sqft"]["merged_sparsity"] is None  # an FP adapter on INT4 is not merged
+    assert table2["sqft"]["sparsity"] >= 0.5 and table2["qa_sparse_peft"]["merged_sparsity"] >= 0.5
+    assert [table2[k]["precision"] for k in ("sqft", "qa_sparse_peft")] == ["INT4 + FP32", "INT4"]
+    for row in results["table2"] + results["table1"]:
+        assert 0 <= row["accuracy"] <= 1
+    table1 = results["table1"]
+    assert table1[0]["method"] == "LoRA (merged)" and table1[0]["speedup"] == 1.0
+    assert table1[0]["params"] == results["base"]["parameters"]  # LoRA merges into a model of the base's size
+    heuristic = table1[1]
+    assert heuristic["method"] == "LoNAS (heuristic subnetwork)"
+    assert heuristic["params"] < table1[0]["params"] and heuristic["macs"] < table1[0]["macs"]
+    assert all(row["latency_ms"] > 0 for row in table1)
+    text = (output / "tables.md").read_text()
+    assert "| SQFT + QA-SparsePEFT (merged) |" in text and "| LoNAS (heuristic subnetwork) |" in text
+    assert len(results["findings"]) >= 6
+    # the deliverables are on disk: the sparse and INT4 bases, the adapters, the merged models, the exports
+    for name in ("sparse-base", "sparse-int4", "shears-nls-adapter", "sqft-sparsepeft-merged", "sqft-int4-nls-adapter",
+                 "sqft-qa-int4-merged", "lonas-super-adapter", "lonas-subnetwork-0"):  # fmt: skip
+        assert (output / name).is_dir(), name
+    config = json.loads((output / "sqft-qa-int4-merged" / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4
+
+
+def test_exported_lonas_subnetwork_has_the_tabled_size(quick_demo):
+    from peft_elastic import count_parameters, load_compressed_model
+
+    _, output, _ = quick_demo
+    heuristic = json.loads((output / "results.json").read_text())["table1"][1]
+    assert count_parameters(load_compressed_model(output / "lonas-subnetwork-0")) == heuristic["params"]
+
+
+def test_demo_refuses_an_existing_output(quick_demo, capsys):
+    _, output, root = quick_demo
+    before = sorted(p.name for p in output.iterdir())
+    assert cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache")]) == 2
+    assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == before
