@@ -156,3 +156,25 @@ def test_demo_refuses_an_existing_output(quick_demo, capsys):
     assert cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache")]) == 2
     assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_demo_tables_section_for_results_md(quick_demo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, output, _ = quick_demo
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nKept.\n")
+    command = [sys.executable, "benchmarks/demo_tables.py", "--from", str(output / "results.json"), "--results",
+               str(results)]  # fmt: skip
+    subprocess.run(command, cwd=root, check=True, capture_output=True, timeout=300)
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nKept.\n\n<!-- demo_tables:start -->\n")
+    assert text.rstrip().endswith("<!-- demo_tables:end -->")
+    assert "(--quick: smoke-test budgets, the accuracies mean nothing)" in text
+    assert f"`python benchmarks/demo_tables.py --from {output / 'results.json'} --results {results}`" in text
+    assert (output / "tables.md").read_text().split("\n\n", 1)[1].split("\n\n")[0] in text  # Table 2, verbatim
+    run_results = json.loads((output / "results.json").read_text())
+    assert all(claim in text for claim in run_results["findings"])

@@ -28,17 +28,17 @@ class BaseSettings:
     """What the pre-trained base is: its shape, its tokenizer and how it is trained (batch of `batch_size`
     documents, AdamW with linear warm-up and cosine decay)."""
 
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_hidden_layers: int = 4
-    num_attention_heads: int = 6
+    num_attention_heads: int = 4
     num_key_value_heads: int = 2
     vocab_size: int = 256
     steps: int = 1200
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 50
-    worked_fraction: float = 0.1
+    worked_fraction: float = 0.3
     seed: int = 0
 
     def key(self) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..search.evaluators import ExactMatchEvaluator
@@ -39,10 +41,13 @@ def lora_config(settings: FinetuneSettings) -> LoraConfig:
     return LoraConfig(r=settings.r, lora_alpha=2 * settings.r, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-def finetune(model, peft_config, tokenizer, rows: list[dict[str, str]], settings: FinetuneSettings, strategy=None):
+def finetune(
+    model, peft_config, tokenizer, rows: list[dict[str, str]], settings: FinetuneSettings, strategy=None, log=print
+):
     """Fine-tune `model` with `peft_config` on `rows` (prompt/completion dicts) and return the PeftModel, in eval mode.
     With `strategy` (a sampler name), a new subnetwork per optimizer step (`ElasticSFTTrainer`); without it, plain
-    `SFTTrainer`."""
+    `SFTTrainer`. Logs one line: steps, time and the training loss at the first and last logging step."""
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
@@ -69,7 +74,13 @@ def finetune(model, peft_config, tokenizer, rows: list[dict[str, str]], settings
         else:
             callback = SubnetworkSamplingCallback(strategy=strategy, seed=settings.seed)
             trainer = ElasticSFTTrainer(model=model, peft_config=peft_config, callbacks=[callback], **options)
+        trainer.remove_callback(PrinterCallback)  # the demo prints one line per run instead of every log
         trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    log(
+        f"    {type(peft_config).__name__}: {settings.steps} steps in {time.perf_counter() - start:.0f} s, training "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     return trainer.model.eval()
 
 

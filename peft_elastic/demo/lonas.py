@@ -54,7 +54,7 @@ class CostRow:
 class SearchSettings:
     """The Mode B super-network's training steps and the search's budget."""
 
-    steps: int = 300
+    steps: int = 150
     strategy: str = "sandwich"
     trials: int = 40
     latency_rounds: int = 15
@@ -69,7 +69,7 @@ def lonas_table(
     train = data["train"]
     seq_len = LATENCY_INPUT[1]
 
-    lora = finetune(model, lora_config(settings), tokenizer, train, settings)
+    lora = finetune(model, lora_config(settings), tokenizer, train, settings, log=log)
     lora_scores = test(lora), validation(lora)
     merged = lora.merge_and_unload()
     rows = [CostRow("LoRA (merged)", *lora_scores, count_parameters(merged), count_macs(merged, seq_len=seq_len))]
@@ -88,7 +88,7 @@ def lonas_table(
         head_choices=HEAD_CHOICES,
     )
     budget = dataclasses.replace(settings, steps=search.steps)
-    supernet = finetune(base, config, tokenizer, train, budget, search.strategy)
+    supernet = finetune(base, config, tokenizer, train, budget, search.strategy, log)
     supernet.save_pretrained(out / "lonas-super-adapter")
 
     heuristic = heuristic_subnetwork(supernet)

@@ -69,63 +69,52 @@ def sqft_table(base_dir: Path, data: dict, settings: FinetuneSettings, out: Path
     the merged models). Returns the rows in the table's order."""
     model, tokenizer = load_base(base_dir)
     test = accuracy_of(data["test"], tokenizer)
-    train = data["train"]
-    rows = [Row("dense", "w/o tune (dense)", test(model), measure_sparsity(model).sparsity, None, "FP32")]
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    rows: list[Row] = []
 
-    calibration = [p["prompt"] + p["completion"] for p in train[:128]]
-    report = sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
-    save_sparsified(model, out / "sparse-base", report, tokenizer)
-    rows.append(Row("sparse", "w/o tune (50% Wanda)", test(model), report.sparsity, None, "FP32"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    def add(row: Row) -> None:
+        rows.append(row)
+        log(f"  {row.method}: {row.accuracy:.1%}")
+
+    def tune(base, config, strategy="random"):
+        """Fine-tune on the training split; elastic adapters come back at their heuristic subnetwork."""
+        tuned = finetune(base, config, tokenizer, data["train"], settings, strategy, log)
+        return tuned if strategy is None else heuristic(tuned)
 
     def sparse_base():
         return load_base(out / "sparse-base")[0]
 
-    lora = finetune(sparse_base(), lora_config(settings), tokenizer, train, settings)
-    rows.append(_unmerged("lora", "LoRA", test(lora), lora, report.sparsity, "FP32 + FP32"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    add(Row("dense", "w/o tune (dense)", test(model), measure_sparsity(model).sparsity, None, "FP32"))
+    calibration = [p["prompt"] + p["completion"] for p in data["train"][:128]]
+    report = sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
+    save_sparsified(model, out / "sparse-base", report, tokenizer)
+    add(Row("sparse", "w/o tune (50% Wanda)", test(model), report.sparsity, None, "FP32"))
 
-    shears = heuristic(finetune(sparse_base(), elastic(NLSConfig, settings), tokenizer, train, settings, "random"))
+    lora = tune(sparse_base(), lora_config(settings), strategy=None)
+    add(_unmerged("lora", "LoRA", test(lora), lora, report.sparsity, "FP32 + FP32"))
+
+    shears = tune(sparse_base(), elastic(NLSConfig, settings))
     shears.save_pretrained(out / "shears-nls-adapter")
-    rows.append(_unmerged("shears", "Shears (NLS, heuristic)", test(shears), shears, report.sparsity, "FP32 + FP32"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    add(_unmerged("shears", "Shears (NLS, heuristic)", test(shears), shears, report.sparsity, "FP32 + FP32"))
 
-    sparse_peft = heuristic(
-        finetune(sparse_base(), elastic(SparsePEFTConfig, settings), tokenizer, train, settings, "random")
-    )
-    merged = sparse_peft.merge_and_unload()
+    merged = tune(sparse_base(), elastic(SparsePEFTConfig, settings)).merge_and_unload()
     save_sparsified(merged, out / "sqft-sparsepeft-merged", tokenizer=tokenizer)
     sparsity = measure_sparsity(merged).sparsity
-    rows.append(Row("sparse_peft", "SQFT + SparsePEFT (merged)", test(merged), sparsity, sparsity, "FP32"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    add(Row("sparse_peft", "SQFT + SparsePEFT (merged)", test(merged), sparsity, sparsity, "FP32"))
 
     quantized = quantize_gptq(out / "sparse-base", out / "sparse-int4", calibration, tokenizer=tokenizer, **GPTQ)
-    log(f"  quantized: {quantized}")
-    int4_sparsity = measure_sparsity(load_gptq(out / "sparse-int4")).sparsity
-
-    nls = elastic(NLSConfig, settings)
-    sqft = heuristic(finetune(load_gptq(out / "sparse-int4"), nls, tokenizer, train, settings, "random"))
+    log(f"  {quantized}")
+    int4 = load_gptq(out / "sparse-int4")
+    int4_sparsity = measure_sparsity(int4).sparsity
+    sqft = tune(int4, elastic(NLSConfig, settings))
     sqft.save_pretrained(out / "sqft-int4-nls-adapter")
-    rows.append(Row("sqft", "SQFT (INT4 + FP adapter)", test(sqft), int4_sparsity, None, "INT4 + FP32"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    add(Row("sqft", "SQFT (INT4 + FP adapter)", test(sqft), int4_sparsity, None, "INT4 + FP32"))
 
-    qa = heuristic(
-        finetune(
-            load_gptq(out / "sparse-int4"),
-            elastic(SparsePEFTConfig, settings, quantization_aware=True),
-            tokenizer,
-            train,
-            settings,
-            "random",
-        )
-    )
+    qa = tune(load_gptq(out / "sparse-int4"), elastic(SparsePEFTConfig, settings, quantization_aware=True))
     qa.merge_and_unload().save_pretrained(out / "sqft-qa-int4-merged")
     tokenizer.save_pretrained(out / "sqft-qa-int4-merged")
     merged = load_gptq(out / "sqft-qa-int4-merged")  # scored as reloaded: the checkpoint is the deliverable
     sparsity = measure_sparsity(merged).sparsity
-    rows.append(Row("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", test(merged), sparsity, sparsity, "INT4"))
-    log(f"  {rows[-1].method}: {rows[-1].accuracy:.1%}")
+    add(Row("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", test(merged), sparsity, sparsity, "INT4"))
     (out / "table2.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 

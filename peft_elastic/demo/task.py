@@ -11,7 +11,7 @@ Numbers stay small (a start of 5..30, steps of 1..9) so that a model of a millio
 in a minute of CPU pre-training.
 
 The pre-training corpus (`pretraining_texts`) holds what a base model would know beforehand: bare equations, stories
-in the same words without questions, and worked problems of one step only. `splits` gives disjoint
+in the same words without questions, and worked problems of one or two steps. `splits` gives disjoint
 train/validation/test sets of problems; the pre-training corpus never contains a validation or test prompt.
 """
 
@@ -27,9 +27,10 @@ NAMES = [("Tom", "He", "his"), ("Ann", "She", "her"), ("Sam", "He", "his"), ("Mi
 ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "eggs", "stamps"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "picks up {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
-#: Operations per problem of the task; the pre-training corpus only works one-step problems, so the base knows the
-#: format and the arithmetic but has to learn to chain steps (as GSM8K asks more of a model than its pre-training).
+#: Operations per problem of the task, and of the pre-training corpus's worked problems: the base knows the format,
+#: the arithmetic and two-step chains, but has to learn a third step (as GSM8K asks more than pre-training taught).
 TASK_STEPS = (2, 3)
+PRETRAINING_STEPS = (1, 2)
 QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
 
 
@@ -79,13 +80,13 @@ def splits(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> dict[
 
 def pretraining_texts(n: int, held_out: set[str], seed: int = 0, worked_fraction: float = 0.1) -> list[str]:
     """`n` documents for pre-training: equation drills, stories without a question, and (`worked_fraction` of them)
-    worked one-step problems (never a prompt in `held_out`)."""
+    worked problems of one or two steps (never a prompt in `held_out`)."""
     rng = random.Random(seed + 7919)
     texts = []
     while len(texts) < n:
         kind = rng.random()
         if kind < worked_fraction:
-            problem = word_problem(rng, 1)
+            problem = word_problem(rng, rng.choice(PRETRAINING_STEPS))
             if problem["prompt"] in held_out:
                 continue
             texts.append(problem["prompt"] + problem["completion"])
