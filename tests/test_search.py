@@ -170,6 +170,8 @@ def test_search_errors(model):
             run_search(model, evaluator, **({"progress": False} | kwargs))
     with pytest.raises(ValueError, match="evaluate must be a callable"):
         run_search(model, 3.0, progress=False)
+    with pytest.raises(ValueError, match=r"The data is None; give texts \(with tokenizer=\), input_ids tensors"):
+        LossEvaluator(None)  # not the message of Wanda's calibration, which the same reader serves
 
 
 def test_loss_evaluator_and_the_cost_of_params():

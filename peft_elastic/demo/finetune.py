@@ -23,7 +23,7 @@ class FinetuneSettings:
 
     steps: int = 150
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 4e-3
     r: int = 8
     seed: int = 0
 

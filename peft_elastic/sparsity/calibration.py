@@ -22,7 +22,10 @@ def calibration_batches(
     plus `tokenizer` (the `text_column` column, truncated to `max_length` tokens). At most `num_samples` entries are
     used."""
     if data is None:
-        raise ValueError("calibration_data is None; Wanda needs calibration inputs (method='magnitude' does not).")
+        raise ValueError(
+            "The data is None; give texts (with tokenizer=), input_ids tensors, dicts with input_ids, or a "
+            "datasets.Dataset."
+        )
     if isinstance(data, (str, bytes, torch.Tensor)) and not (isinstance(data, torch.Tensor) and data.dim() == 2):
         raise ValueError(
             f"calibration_data must be an iterable of input_ids tensors or dicts, or a datasets.Dataset, got "

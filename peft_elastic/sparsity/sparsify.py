@@ -139,6 +139,8 @@ def sparsify(
                 for name, module in modules.items():
                     report.modules[f"{block_name}.{name}"] = _prune(module, _weight(module).abs().float(), parsed)
             return report
+        if calibration_data is None:
+            raise ValueError("calibration_data is None; Wanda needs calibration inputs (method='magnitude' does not).")
         batches = calibration_batches(
             calibration_data, tokenizer, text_column=text_column, max_length=max_length, num_samples=num_samples
         )
