@@ -360,6 +360,12 @@ def adapter_config(args: argparse.Namespace):
     from . import ElasticLoraConfig, NLSConfig, SparsePEFTConfig
 
     config_class = {"nls": NLSConfig, "elastic-lora": ElasticLoraConfig, "sparse-peft": SparsePEFTConfig}[args.method]
+    if args.quantization_aware and args.method != "sparse-peft":
+        raise CommandError(
+            f"--quantization-aware is QA-SparsePEFT: use it with --method sparse-peft, not {args.method}"
+        )
+    if args.width_choices is not None and args.method != "elastic-lora":
+        raise CommandError(f"--width-choices is Mode B: use it with --method elastic-lora, not {args.method}")
     options = {"r": args.r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else 2 * args.r}
     if args.rank_choices is not None:
         options["rank_choices"] = args.rank_choices

@@ -391,7 +391,11 @@ def test_train_saves_a_trained_super_adapter(capsys, model_dir, tmp_path):
 
     for argv, message in [
         (["--rank-choices", "8,x"], "argument --rank-choices: '8,x' is not a comma-separated list of integers"),
-        (["--method", "nls", "--width-choices", "1.0,0.5"], "error: NLSConfig searches adapter ranks only"),
+        (
+            ["--method", "nls", "--width-choices", "1.0,0.5"],
+            "--width-choices is Mode B: use it with --method elastic-lora",
+        ),
+        (["--quantization-aware"], "--quantization-aware is QA-SparsePEFT: use it with --method sparse-peft, not nls"),
         (["--text-column", "question"], "has no column 'question'; its columns: ['prompt', 'completion']"),
     ]:
         if argv[0] == "--rank-choices":
