@@ -90,7 +90,7 @@ def main(argv=None) -> None:
         results = json.loads(args.source.read_text())
     else:
         with tempfile.TemporaryDirectory(prefix="demo_tables_") as tmp:
-            if cli.main(["demo", "--output", str(Path(tmp) / "out"), "--quiet"]) != 0:
+            if cli.main(["demo", "--output", str(Path(tmp) / "out")]) != 0:
                 sys.exit("the demo failed")
             results = json.loads((Path(tmp) / "out" / "results.json").read_text())
     text = section(results, command)

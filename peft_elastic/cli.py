@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -435,13 +436,15 @@ def demo_command(args: argparse.Namespace) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))  # read when gptqmodel is imported
     settings = QUICK if args.quick else FULL
     cache_dir = args.cache_dir or default_cache_dir()
-    if args.output is None:
-        folder = Path(tempfile.mkdtemp(prefix="peft_elastic_demo_"))
-        run(settings, folder, cache_dir)
-    else:
-        with output_folder(args.output, args.overwrite) as staging:
-            run(settings, staging, cache_dir)
-        folder = Path(args.output)
+    with warnings.catch_warnings():  # deprecation notices of the libraries, not the user's to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        if args.output is None:
+            folder = Path(tempfile.mkdtemp(prefix="peft_elastic_demo_"))
+            run(settings, folder, cache_dir)
+        else:
+            with output_folder(args.output, args.overwrite) as staging:
+                run(settings, staging, cache_dir)
+            folder = Path(args.output)
     print(f"Models, adapters and the tables (tables.md, results.json) are in {folder}")
 
 
@@ -663,8 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace --output if it exists (once the run succeeds)")
     demo.add_argument("--cache-dir", type=Path, help="where the pre-trained base is cached (default: "
                       "$PEFT_ELASTIC_CACHE, else ~/.cache/peft_elastic)")  # fmt: skip
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(run=demo_command)
+    demo.set_defaults(run=demo_command, quiet=True)  # the demo prints its own progress, one line per step
     return parser
 
 

@@ -104,7 +104,7 @@ def test_cache_dir_default(monkeypatch, tmp_path):
 def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     output = root / "out"
-    code = cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache"), "--quiet"])
+    code = cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache")])
     return code, output, root
 
 

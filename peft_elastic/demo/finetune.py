@@ -21,8 +21,8 @@ class FinetuneSettings:
     """The same budget for every method: `steps` optimizer steps of `batch_size` problems, AdamW at `learning_rate`
     with warm-up and cosine decay, adapters of rank `r` (elastic ones: `rank_choices` r, 3r/4, r/2)."""
 
-    steps: int = 150
-    batch_size: int = 32
+    steps: int = 300
+    batch_size: int = 16
     learning_rate: float = 4e-3
     r: int = 8
     seed: int = 0

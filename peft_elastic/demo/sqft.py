@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +48,11 @@ class Row:
 def load_gptq(path: Path):
     """A GPTQ checkpoint on CPU with the standard-layout torch kernel, computing in float32."""
     config = GPTQConfig(bits=GPTQ["bits"], backend="gptq_torch")
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, dtype=torch.float32, device_map="cpu"
-    )
+    with warnings.catch_warnings():  # transformers warns that our backend overrides the checkpoint's: we mean it
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=config, dtype=torch.float32, device_map="cpu"
+        )
 
 
 def elastic(config_class, settings: FinetuneSettings, **options):

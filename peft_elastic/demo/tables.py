@@ -45,6 +45,10 @@ def _relative(accuracy: float, reference: float) -> str:
     return f"{accuracy / reference:.1%}" if reference > 0 else "n/a"
 
 
+#: Accuracy relative to LoRA in the papers' Table 2 (Mistral-7B-v0.3, GSM8K).
+PAPER_RELATIVE = {"shears": 1.023, "sparse_peft": 1.136, "sqft": 1.009, "qa_sparse_peft": 0.998}
+
+
 def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     """The papers' claims, each checked against these tables: one line per claim, saying whether it holds here."""
     by = {row.key: row for row in sqft}
@@ -72,29 +76,35 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
             f"QA-SparsePEFT merges into INT4 and keeps every zero ({qa.merged_sparsity:.1%} zero weights; INT4 "
             "rounding can add zeros, never remove the mask's).",
         ),
-        _claim(
-            all(r.accuracy >= 0.9 * lora.accuracy for r in tuned),
-            "Shears and the three SQFT pipelines reach at least 90% of LoRA's accuracy (the papers: 99.8-113.6%).",
-        ),
     ]
-    heuristic = next(r for r in lonas if "heuristic" in r.method)
-    relative = _relative(heuristic.accuracy, lonas[0].accuracy)
+    for row in tuned[1:]:  # accuracy relative to LoRA: within 5 points of the papers' ratio counts as agreeing
+        paper = PAPER_RELATIVE[row.key]
+        ratio = row.accuracy / lora.accuracy if lora.accuracy else 0.0
+        lines.append(
+            _claim(
+                ratio >= paper - 0.05,
+                f"{row.method} reaches {ratio:.1%} of LoRA's accuracy (the papers: {paper:.1%}).",
+            )
+        )
+    lora_b, heuristic = lonas[0], next(r for r in lonas if "heuristic" in r.method)
+    relative = heuristic.accuracy / lora_b.accuracy if lora_b.accuracy else 0.0
     lines.append(
         _claim(
-            heuristic.params < lonas[0].params and heuristic.speedup > 1.0,
-            f"LoNAS's heuristic subnetwork is smaller ({heuristic.params:,} vs {lonas[0].params:,} parameters) and "
-            f"faster ({heuristic.speedup:.2f}x) than the merged LoRA model, at {relative} of its accuracy (the paper: "
-            "99.1%).",
+            heuristic.params < lora_b.params and heuristic.speedup > 1.0 and relative >= 0.991 - 0.05,
+            f"LoNAS's heuristic subnetwork is smaller ({heuristic.params:,} vs {lora_b.params:,} parameters) and "
+            f"faster ({heuristic.speedup:.2f}x) than the merged LoRA model, at {relative:.1%} of its accuracy (the "
+            "paper: 83% of the parameters, 1.23x, 99.1%).",
         )
     )
-    searched = [r for r in lonas if "search" in r.method]
-    if searched:
-        best = max(searched, key=lambda r: r.accuracy)
+    rivals = [r for r in lonas if "search" in r.method and r.params <= heuristic.params]
+    if rivals:  # the paper's search subnetwork 1: as small as the heuristic one, more accurate
+        best = max(rivals, key=lambda r: r.validation_accuracy)
         lines.append(
             _claim(
                 best.accuracy >= heuristic.accuracy,
-                f"Search finds a subnetwork at least as accurate as the heuristic one ({best.method}: "
-                f"{best.accuracy:.1%} vs {heuristic.accuracy:.1%} on the test split).",
+                f"Search finds a subnetwork no larger than the heuristic one that is at least as accurate on the test "
+                f"split ({best.method}: {best.accuracy:.1%}, {best.params:,} parameters, vs {heuristic.accuracy:.1%}; "
+                f"validation {best.validation_accuracy:.1%} vs {heuristic.validation_accuracy:.1%}).",
             )
         )
     return lines
