@@ -54,7 +54,8 @@ def section(results: dict, command: str) -> str:
 - Base: a Llama of {base["parameters"]:,} parameters (hidden {b["hidden_size"]}, intermediate {b["intermediate_size"]},
   {b["num_hidden_layers"]} layers, {b["num_attention_heads"]} heads / {b["num_key_value_heads"]} KV heads, vocabulary
   {b["vocab_size"]}) pre-trained for {b["steps"]} steps of {b["batch_size"]} documents on arithmetic drills, stories
-  and {b["worked_fraction"]:.0%} worked problems of one or two steps (loss {base["first_loss"]:.2f} -> {base["final_loss"]:.2f})
+  and {b["worked_fraction"]:.0%} worked problems of one or two steps
+  (loss {base["first_loss"]:.2f} -> {base["final_loss"]:.2f})
 - Task: GSM8K-shaped word problems (two or three steps of + and -; the answer is the worked calculation and
   "#### n"); {settings["n_train"]} train, {settings["n_validation"]} validation, {settings["n_test"]} test problems.
   Accuracy: exact match of the number after "####" in greedy answers on the test split
