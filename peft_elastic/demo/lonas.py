@@ -56,8 +56,8 @@ class SearchSettings:
 
     steps: int = 200
     strategy: str = "sandwich"
-    trials: int = 24
-    latency_rounds: int = 15
+    trials: int = 16
+    latency_rounds: int = 10
 
 
 def lonas_table(
