@@ -657,9 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the offline demo: the papers' two tables, in shape, on a small model pre-trained here",
         description="Pre-train (once; cached) a small Llama on synthetic arithmetic, then reproduce the shape of the "
-        "papers' tables on GSM8K-like word problems: Table 2 (50%% Wanda sparsity: LoRA, Shears, SQFT + SparsePEFT, "
+        "papers' tables on GSM8K-like word problems: Table 2 (50% Wanda sparsity: LoRA, Shears, SQFT + SparsePEFT, "
         "SQFT on INT4, SQFT + QA-SparsePEFT) and Table 1 (Mode B / LoNAS against LoRA: accuracy, parameters, MACs, "
-        "CPU speedup). About 10 minutes on 2 CPU cores; nothing is downloaded.",
+        "CPU speedup). About 8 minutes on 2 CPU cores, plus 2.5 the first time; nothing is downloaded.",
     )
     demo.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run (its accuracies mean nothing)")
     demo.add_argument("--output", help="keep the models, adapters and tables here (default: a new temporary folder)")

@@ -178,3 +178,12 @@ def test_demo_tables_section_for_results_md(quick_demo, tmp_path):
     assert (output / "tables.md").read_text().split("\n\n", 1)[1].split("\n\n")[0] in text  # Table 2, verbatim
     run_results = json.loads((output / "results.json").read_text())
     assert all(claim in text for claim in run_results["findings"])
+
+
+def test_demo_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Table 2 (50% Wanda sparsity" in text and "%%" not in text
+    assert "--quick" in text and "--overwrite" in text and "--cache-dir" in text
