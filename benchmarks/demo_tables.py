@@ -40,14 +40,20 @@ def section(results: dict, command: str) -> str:
     settings, base = results["settings"], results["base"]
     b, f, s = settings["base"], settings["finetune"], settings["search"]
     quick = " (--quick: smoke-test budgets, the accuracies mean nothing)" if b["steps"] < 100 else ""
+    if results.get("base_was_cached", True):
+        timing = (
+            f"the run took {results['seconds']:.0f} s with the base from the cache (pre-training it takes "
+            f"{base['seconds']:.0f} s once)"
+        )
+    else:
+        timing = f"the run took {results['seconds']:.0f} s, {base['seconds']:.0f} s of which pre-trained the base"
     sqft = sqft_markdown([Row(**row) for row in results["table2"]])
     lonas = lonas_markdown([CostRow(**row) for row in results["table1"]])
     return f"""{MARKERS[0]}
 ## The papers' tables, in shape: the offline demo (`peft-elastic demo`){quick}
 
 - Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-- Command (from the repository root): `{command}`; the demo itself took {results["seconds"]:.0f} s, plus
-  {base["seconds"]:.0f} s to pre-train the base when it was not cached yet
+- Command (from the repository root): `{command}`; {timing}
 - Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads);
   peft {peft.__version__}, transformers {transformers.__version__}, peft_elastic {peft_elastic.__version__}, Python
   {platform.python_version()}

@@ -174,6 +174,8 @@ def test_demo_tables_section_for_results_md(quick_demo, tmp_path):
     assert text.startswith("# Benchmark results\n\nKept.\n\n<!-- demo_tables:start -->\n")
     assert text.rstrip().endswith("<!-- demo_tables:end -->")
     assert "(--quick: smoke-test budgets, the accuracies mean nothing)" in text
+    assert json.loads((output / "results.json").read_text())["base_was_cached"] is False  # a fresh cache directory
+    assert re.search(r"the run took \d+ s, \d+ s of which pre-trained the base", text)
     assert f"`python benchmarks/demo_tables.py --from {output / 'results.json'} --results {results}`" in text
     assert (output / "tables.md").read_text().split("\n\n", 1)[1].split("\n\n")[0] in text  # Table 2, verbatim
     run_results = json.loads((output / "results.json").read_text())

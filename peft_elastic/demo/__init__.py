@@ -61,6 +61,7 @@ def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print) ->
     start = time.perf_counter()
     data = splits(settings.n_train, settings.n_validation, settings.n_test, seed=settings.base.seed)
     held_out = {p["prompt"] for split in ("validation", "test") for p in data[split]}
+    cached = (Path(cache_dir) / settings.base.key() / "pretraining.json").is_file()
     base_dir = pretrained_base(settings.base, held_out, cache_dir, log)
     log(f"\nTable 2 pipelines (50% Wanda sparsity; {settings.finetune.steps} fine-tuning steps each):")
     sqft = sqft_table(base_dir, data, settings.finetune, output_dir, log)
@@ -81,6 +82,7 @@ def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print) ->
         "table1": [dataclasses.asdict(r) for r in lonas],
         "findings": claims,
         "seconds": round(seconds, 1),
+        "base_was_cached": cached,
         "settings": dataclasses.asdict(settings),
         "base": json.loads((base_dir / "pretraining.json").read_text()),
     }
