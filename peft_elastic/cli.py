@@ -429,11 +429,8 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    import os
-
     from .demo import FULL, QUICK, default_cache_dir, run
 
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))  # read when gptqmodel is imported
     settings = QUICK if args.quick else FULL
     cache_dir = args.cache_dir or default_cache_dir()
     with warnings.catch_warnings():  # deprecation notices of the libraries, not the user's to act on

@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from .base import BaseSettings, default_cache_dir, pretrained_base
+from .base import BaseSettings, default_cache_dir, is_cached, pretrained_base
 from .finetune import FinetuneSettings
 from .lonas import SearchSettings, lonas_table
 from .sqft import sqft_table
@@ -61,7 +61,7 @@ def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print) ->
     start = time.perf_counter()
     data = splits(settings.n_train, settings.n_validation, settings.n_test, seed=settings.base.seed)
     held_out = {p["prompt"] for split in ("validation", "test") for p in data[split]}
-    cached = (Path(cache_dir) / settings.base.key() / "pretraining.json").is_file()
+    cached = is_cached(settings.base, cache_dir)
     base_dir = pretrained_base(settings.base, held_out, cache_dir, log)
     log(f"\nTable 2 pipelines (50% Wanda sparsity; {settings.finetune.steps} fine-tuning steps each):")
     sqft = sqft_table(base_dir, data, settings.finetune, output_dir, log)

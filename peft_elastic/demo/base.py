@@ -54,11 +54,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft_elastic"
 
 
+def is_cached(settings: BaseSettings, cache_dir: Path) -> bool:
+    """Whether `cache_dir` holds a complete base of these `settings` (its record is written last)."""
+    return (Path(cache_dir) / settings.key() / "pretraining.json").is_file()
+
+
 def pretrained_base(settings: BaseSettings, held_out: set[str], cache_dir: Path, log=print) -> Path:
     """The folder of the pre-trained base (model, tokenizer and `pretraining.json`), built if it is not cached.
     `held_out`: prompts that must not appear in the pre-training corpus (the validation and test problems)."""
     folder = Path(cache_dir) / settings.key()
-    if (folder / "pretraining.json").is_file():
+    if is_cached(settings, cache_dir):
         log(f"Pre-trained base: {folder} (cached)")
         return folder
     log(f"Pre-training the base ({settings.steps} steps); cached in {folder} for later runs ...")
