@@ -267,13 +267,15 @@ def export_command(args: argparse.Namespace) -> None:
     from .compressed import export_compressed_model
     from .export import export_sub_adapter
 
+    if args.uniform_rank is not False and args.kind != "sub-adapter":
+        raise CommandError(f"--uniform-rank writes a LoRA adapter's ranks; it does not apply to --as {args.kind}")
     model, tokenizer = load_adapter(args.base, args.adapter)
     subnetwork = choose_subnetwork(model, args.subnetwork)
     if subnetwork is None and args.kind != "merged":
         raise CommandError(f"--as {args.kind} needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
     with output_folder(args.output, args.overwrite) as folder:
         if args.kind == "sub-adapter":
-            export_sub_adapter(model, folder, subnetwork)
+            export_sub_adapter(model, folder, subnetwork, uniform_rank=args.uniform_rank)
         elif args.kind == "compressed":
             export_compressed_model(model, folder, subnetwork, tokenizer=tokenizer)
         else:
@@ -578,6 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="active",
         help=f"one of {', '.join(SUBNETWORKS)} (default: active, as saved) or a JSON file {{group: choice}}, e.g. "
         "an entry of a search's Pareto front",
+    )
+    export.add_argument(
+        "--uniform-rank",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_positive,
+        metavar="R",
+        help="sub-adapter: write every module at one rank, zero-padded (R, default the subnetwork's largest), for "
+        "servers that want uniform ranks; the outputs are the same",
     )
     export.set_defaults(run=export_command)
 

@@ -237,6 +237,30 @@ def test_export_sub_adapter_merged_and_compressed(capsys, model_dir, tmp_path):
     torch.testing.assert_close(logits(small, ids), logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_export_uniform_rank(capsys, model_dir, tmp_path):
+    from peft import PeftModel
+
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapter = tmp_path / "adapter"
+    model = elastic_adapter(model_dir, adapter)  # saved at full rank 8
+    expected = logits(model, ids)
+    for argv, rank in (([], 8), (["16"], 16)):
+        out = tmp_path / f"uniform{rank}"
+        code, _, stderr = run(capsys, "export", adapter, out, "--base", model_dir, "--uniform-rank", *argv, "--quiet")
+        assert code == 0, stderr
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (rank, 2 * rank, {})
+        stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+        torch.testing.assert_close(logits(stock, ids), expected, atol=1e-5, rtol=1e-5)
+    code, _, stderr = run(capsys, "export", adapter, tmp_path / "m", "--base", model_dir, "--as", "merged",
+                          "--uniform-rank", "--quiet")  # fmt: skip
+    assert code == 2 and "--uniform-rank writes a LoRA adapter's ranks; it does not apply to --as merged" in stderr
+    code, _, stderr = run(capsys, "export", adapter, tmp_path / "u", "--base", model_dir, "--uniform-rank", "4",
+                          "--quiet")  # fmt: skip
+    assert code == 2 and "uniform_rank must be True, False or a rank of at least 8" in stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "u").exists()
+
+
 def test_export_errors(capsys, model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 

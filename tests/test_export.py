@@ -11,6 +11,7 @@ import pytest
 from conftest import TARGETS, randomize_lora_b
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 import peft_elastic
 import peft_elastic.export
@@ -36,9 +37,9 @@ def test_exported_config_keeps_each_modules_scaling(tmp_path):
     assert config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 8
     assert config["rank_pattern"]["model.layers.1.self_attn.k_proj"] == 12
     assert config["rank_pattern"]["model.layers.0.mlp.down_proj"] == 8  # [8, 4] -> midpoint 8
-    for module, r in config["rank_pattern"].items():
-        expected_scaling = 32 / 8 if module.endswith("down_proj") else 32 / 16
-        assert config["alpha_pattern"][module] / r == pytest.approx(expected_scaling)
+    assert config["lora_alpha"] / config["r"] == 32 / 16  # the scaling most modules share
+    for module, r in config["rank_pattern"].items():  # down_proj's own 32 / 8 is folded into its B
+        assert config["alpha_pattern"][module] / r == pytest.approx(32 / 16)
     tensors = load_file(tmp_path / "sub" / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (8, 64)
     assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 12)
@@ -60,31 +61,41 @@ def test_stock_peft_reload_in_process_gives_the_same_outputs(tmp_path, input_ids
 
 
 def test_stock_peft_reload_in_a_process_without_peft_elastic(tmp_path, input_ids):
-    model = elastic(modules_to_save=["lm_head"])
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # as users load it: the config names the folder
+    model = get_peft_model(
+        base, ElasticLoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, modules_to_save=["lm_head"])
+    )
+    randomize_lora_b(model)
     peft_elastic.set_subnetwork(model, peft_elastic.sample_subnetwork(model, seed=11))
     head = model.base_model.model.lm_head.modules_to_save["default"]
     head.weight.data.mul_(1.5)  # the trained head must travel with the export
     expected = model(input_ids).logits.detach()
     peft_elastic.export_sub_adapter(model, tmp_path / "sub")
-    tiny_llama().save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "sub" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    assert config["auto_mapping"] == {"base_model_class": "LlamaForCausalLM", "parent_library": type(base).__module__}
     save_file({"input_ids": input_ids, "expected": expected}, str(tmp_path / "io.safetensors"))
     script = textwrap.dedent(
         f"""
         import sys
-        from peft import PeftModel
+        from peft import AutoPeftModelForCausalLM, PeftModel
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
-        model = PeftModel.from_pretrained(base, {str(tmp_path / "sub")!r})
-        assert "peft_elastic" not in sys.modules, "peft_elastic was imported"
         io = load_file({str(tmp_path / "io.safetensors")!r})
-        print("MAXDIFF", float((model(io["input_ids"]).logits - io["expected"]).abs().max()))
+        for model in (
+            PeftModel.from_pretrained(base, {str(tmp_path / "sub")!r}),
+            AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "sub")!r}),  # finds the base itself
+        ):
+            print("MAXDIFF", float((model(io["input_ids"]).logits - io["expected"]).abs().max()))
+        assert "peft_elastic" not in sys.modules, "peft_elastic was imported"
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    diff = float(result.stdout.split("MAXDIFF")[1])
-    assert diff < 1e-5
+    diffs = [float(part.split()[0]) for part in result.stdout.split("MAXDIFF")[1:]]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
 
 
 def test_export_is_all_or_nothing(tmp_path, monkeypatch):
