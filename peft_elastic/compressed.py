@@ -33,8 +33,9 @@ def compressed_state(
     model: PeftModel, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
 ) -> tuple[object, dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """The config, the state dict (base parameter names) and the narrowed module shapes `{name: (out, in)}` of the
-    compressed model of `subnetwork` (default: the active one). The model is not changed."""
-    if not isinstance(model, PeftModel):
+    compressed model of `subnetwork` (default: the active one). `model`: a PeftModel or its tuner. The model is not
+    changed."""
+    if not isinstance(model, PeftModel) and not isinstance(getattr(model, "model", None), nn.Module):
         raise ValueError(
             f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
@@ -42,7 +43,7 @@ def compressed_state(
     chosen = _validated(subnetwork or {}, groups)
     ranks = module_ranks(model, chosen, adapter_name)
     widths = module_widths(model, chosen, adapter_name)
-    base = model.get_base_model()
+    base = model.get_base_model() if isinstance(model, PeftModel) else model.model
     state: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
@@ -168,6 +169,28 @@ def _uniform_sizes(groups, chosen, adapter_name) -> dict[str, int] | None:
     return update
 
 
+def compressed_model(
+    model: PeftModel, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> nn.Module:
+    """The physically smaller model of `subnetwork` (default: the active one), in memory: the adapters folded in at
+    its ranks, only its widths, heads and blocks kept. A standard transformers model of a standard config when every
+    layer has the same sizes, else one whose config records the narrowed shapes (see the module docstring). It has
+    the base's generation config and training mode; `model` (a PeftModel or its tuner) is not changed."""
+    config, state, _ = compressed_state(model, subnetwork, adapter_name)
+    compressed = _build(config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = compressed.load_state_dict(state, strict=False)
+    missing = [key for key in missing if key not in _tied_keys(compressed)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The compressed model does not fit its weights (missing {missing}, unexpected {unexpected})."
+        )
+    base = model.get_base_model() if isinstance(model, PeftModel) else model.model
+    if getattr(base, "generation_config", None) is not None:
+        compressed.generation_config = copy.deepcopy(base.generation_config)
+    compressed.train(base.training)
+    return compressed
+
+
 def export_compressed_model(
     model: PeftModel,
     save_directory: str | os.PathLike,
@@ -179,14 +202,11 @@ def export_compressed_model(
     and save the smaller model (and `tokenizer`, if given) to `save_directory`. Files are staged, reloaded and
     checked, then moved into place. Load it with `AutoModelForCausalLM.from_pretrained` when every layer has the same
     sizes, else with `peft_elastic.load_compressed_model`. Returns the directory."""
-    config, state, shapes = compressed_state(model, subnetwork, adapter_name)
-    compressed = _build(config, dtype=next(iter(state.values())).dtype)
-    missing, unexpected = compressed.load_state_dict(state, strict=False)
-    missing = [key for key in missing if key not in _tied_keys(compressed)]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"The compressed model does not fit its weights (missing {missing}, unexpected {unexpected})."
+    if not isinstance(model, PeftModel):
+        raise ValueError(
+            f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
+    compressed = compressed_model(model, subnetwork, adapter_name)
     with staged_directory(save_directory) as staging:
         compressed.save_pretrained(staging)
         if tokenizer is not None:

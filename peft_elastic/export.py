@@ -32,7 +32,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .io import staged_directory
-from .subnetwork import _rank_groups, module_ranks, module_widths
+from .subnetwork import _rank_groups, module_ranks, removed_from_base
 
 # LoraConfig fields that the export sets itself; every other field is copied from the elastic config.
 _DERIVED_FIELDS = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "inference_mode"}
@@ -59,16 +59,13 @@ def sub_adapter_state(
     config = model.peft_config[adapter_name]
     ranks = module_ranks(model, subnetwork, adapter_name)
     layers = {module_name: layer for group in groups.values() for module_name, layer in group.modules}
-    narrowed = [
-        name
-        for name, widths in module_widths(model, subnetwork, adapter_name).items()
-        if widths != (layers[name].out_features, layers[name].in_features)
-    ]
-    if narrowed:
+    removed = removed_from_base(model, subnetwork, adapter_name)
+    if removed:
         raise ValueError(
-            f"This subnetwork narrows the base ({len(narrowed)} modules, e.g. {narrowed[0]!r}), which a LoRA adapter "
-            "cannot express: export a subnetwork at full widths (its elastic widths at their largest choice), or the "
-            "physically smaller model with peft_elastic.export_compressed_model (or merge_and_unload())."
+            f"This subnetwork narrows the base or drops blocks of it ({len(removed)} modules or blocks, e.g. "
+            f"{removed[0]!r}), which a LoRA adapter cannot express: export a subnetwork at full widths with every "
+            "block kept, or the physically smaller model with peft_elastic.export_compressed_model (or "
+            "merge_and_unload())."
         )
     rank = _exported_rank(uniform_rank, max(ranks.values()))
     scalings = {name: float(layers[name].scaling[adapter_name]) for name in ranks}

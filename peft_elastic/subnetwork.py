@@ -199,6 +199,23 @@ def module_widths(
     return _widths(groups, _validated(subnetwork or {}, groups), adapter_name)
 
 
+def removed_from_base(
+    model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
+) -> list[str]:
+    """What `subnetwork` (default: the active one) takes out of the base (Mode B): the names of the modules it
+    narrows, then of the decoder blocks it drops. Empty when it keeps the base whole, so that a LoRA adapter or an
+    in-place merge can express it."""
+    adapter_name, groups = _groups(model, adapter_name)
+    chosen = _validated(subnetwork or {}, groups)
+    layers = {name: layer for g in groups.values() if isinstance(g, RankGroup) for name, layer in g.modules}
+    narrowed = [
+        name
+        for name, widths in _widths(groups, chosen, adapter_name).items()
+        if widths != (layers[name].out_features, layers[name].in_features)
+    ]
+    return narrowed + _dropped(groups, chosen, adapter_name)
+
+
 def _widths(groups, chosen: Mapping[str, int], adapter_name: str) -> dict[str, tuple[int, int]]:
     widths = {
         module_name: (layer.out_features, layer.in_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -14,7 +15,7 @@ from ...quantization.layers import is_gptq_layer, pin_standard_layout, save_in_c
 from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .layer import Linear
-from .space import block_groups, rank_groups, width_groups
+from .space import block_groups, rank_groups, remove_block_hooks, width_groups
 
 
 def _elastic_class(base_layer: nn.Module) -> type | None:
@@ -98,6 +99,42 @@ class ElasticLoraModel(LoraModel):
                 "quantization_aware=True) (QA-SparsePEFT), whose merge into the integer weights is exact."
             )
         super()._check_merge_allowed()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """As for LoRA: the base with the active subnetwork of the adapters merged in. When that subnetwork narrows the
+        base or drops blocks of it (Mode B), the physically smaller model it stands for, as
+        `peft_elastic.export_compressed_model` writes it (a standard transformers model when every layer has the same
+        sizes): a full-size merge would not compute what the subnetwork computes. This model is then left as it
+        was."""
+        from ...compressed import compressed_model  # the export sits above the tuners
+        from ...subnetwork import removed_from_base
+
+        names = adapter_names if adapter_names is not None else list(self.active_adapters)
+        elastic = [name for name in names if isinstance(self.peft_config.get(name), ElasticLoraConfig)]
+        narrowing = [name for name in elastic if removed_from_base(self, adapter_name=name)]
+        if not narrowing:
+            return super().merge_and_unload(
+                progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            )
+        if len(names) > 1:
+            raise ValueError(
+                f"Adapter {narrowing[0]!r}'s subnetwork narrows the base (Mode B), so merging it gives a smaller model"
+                f" that no other adapter fits; merge it alone (adapter_names=[{narrowing[0]!r}]), not with {names}."
+            )
+        self._check_merge_allowed()
+        model = compressed_model(self, adapter_name=narrowing[0])
+        if safe_merge:
+            broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+            if broken:
+                raise ValueError(f"NaNs detected in the merged weights ({broken[0]}); the adapter seems broken.")
+        return model
+
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_block_hooks(model)
+        return model
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise ValueError(

@@ -308,7 +308,7 @@ def block_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
             )
         holder_name, holder = holders[0]
         if getattr(block, "_peft_elastic_skip", None) is None:
-            block.register_forward_hook(_skip_dropped_block, with_kwargs=True)
+            block._peft_elastic_skip_hook = block.register_forward_hook(_skip_dropped_block, with_kwargs=True)
         block._peft_elastic_skip = holder_name
         groups[f"{block_name}:block"] = BlockGroup(
             name=f"{block_name}:block",
@@ -320,6 +320,15 @@ def block_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
             holder=holder,
         )
     return groups
+
+
+def remove_block_hooks(model: nn.Module) -> None:
+    """Take the skip hooks of `block_groups` off every block of `model` (when its adapters are unloaded)."""
+    for module in model.modules():
+        hook = getattr(module, "_peft_elastic_skip_hook", None)
+        if hook is not None:
+            hook.remove()
+            del module._peft_elastic_skip_hook, module._peft_elastic_skip
 
 
 def _skip_dropped_block(block: nn.Module, args, kwargs, output):
