@@ -115,3 +115,12 @@ def test_a_narrowing_adapter_is_merged_alone(input_ids):
         model.merge_and_unload(adapter_names=["default", "other"])
     merged = model.merge_and_unload(adapter_names=["default"])
     assert merged.model.layers[0].mlp.up_proj.out_features == 192
+
+
+def test_a_sub_adapter_cannot_drop_blocks(tmp_path):
+    model = mode_b(width_choices=None, droppable_layers=[1])
+    dropping = peft_elastic.maximal_subnetwork(model) | {"model.layers.1:block": 0}
+    with pytest.raises(ValueError, match=r"drops blocks of it \(1 modules or blocks, e.g. 'model.layers.1'\)"):
+        peft_elastic.export_sub_adapter(model, tmp_path / "sub", dropping)
+    assert not (tmp_path / "sub").exists()
+    peft_elastic.export_sub_adapter(model, tmp_path / "sub", peft_elastic.maximal_subnetwork(model))
