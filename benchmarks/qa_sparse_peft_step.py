@@ -62,7 +62,7 @@ from peft_elastic.tuners.sparse_peft.gptq import QAGPTQLinear
 SCRIPT = "benchmarks/qa_sparse_peft_step.py"
 GOAL = 2.0  # qa_sparse_peft / lora step time
 BITS = 4
-GROUP_SIZE, SMALL_GROUP_SIZE = 128, 32  # the second for models narrower than the first
+GROUP_SIZES = (128, 32)  # the larger that divides every quantized layer's in-features is used
 VARIANTS = ("lora", "qa_sparse_peft")
 MERGE_REPEATS = {"quick": 3, "tiny": 5, "1b-block": 5}
 TEXTS = [p["prompt"] + p["completion"] for p in arithmetic_problems(128, seed=1)]
@@ -76,11 +76,13 @@ def markers(model: str, seq_len: int) -> tuple[str, str]:
 
 
 def group_size(setup: Setup) -> int:
-    """GPTQ's group size for `setup`: 128, or 32 for a model whose hidden or intermediate size is below 128. (Groups
-    of 32 fail for the `tiny` model: in a 50 %-sparse row a group of 32 inputs has about 16 nonzero weights, some
-    groups have only positive ones, their zero-point is 0, and the "gptq" checkpoint format, which stores z - 1,
-    cannot hold it; `quantize_gptq` refuses.)"""
-    return GROUP_SIZE if min(setup.hidden_size, setup.intermediate_size) >= GROUP_SIZE else SMALL_GROUP_SIZE
+    """GPTQ's group size for `setup`: 128, or 32 when 128 does not divide the hidden and the intermediate size
+    (`quantize_gptq` refuses a group size that does not divide the in-features of every quantized layer, which
+    transformers' default CPU kernel cannot run; `tiny`'s intermediate 1376 takes 32)."""
+    fitting = [g for g in GROUP_SIZES if setup.hidden_size % g == 0 and setup.intermediate_size % g == 0]
+    if not fitting:
+        raise ValueError(f"No group size of {GROUP_SIZES} divides {setup.hidden_size} and {setup.intermediate_size}.")
+    return fitting[0]
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -219,7 +221,7 @@ def section(model: str, setup: Setup, rows, merge: MergeResult, quantization, se
 - Quantization: `peft_elastic.quantize_gptq` on {len(CALIBRATION)} arithmetic texts (a tokenizer trained on them),
   {quantize_seconds:.0f} s:
   {report}
-- Loaded with `GPTQConfig(bits={BITS}, backend="gptq_torch")` (gptqmodel `TorchLinear`), float32{uneven_groups(s)}
+- Loaded with `GPTQConfig(bits={BITS}, backend="gptq_torch")` (gptqmodel `TorchLinear`), float32
 - Adapters: r={s.r}, lora_alpha={2 * s.r} on q/k/v/o/gate/up/down ({merge.layers} layers); the same weights in both
   variants (B drawn with std 0.01, so that the update is not zero); `lora` is stock PEFT LoRA (`GPTQLoraLinear`),
   `qa_sparse_peft` is `SparsePEFTConfig(quantization_aware=True)`
@@ -238,17 +240,6 @@ def section(model: str, setup: Setup, rows, merge: MergeResult, quantization, se
   merge changed {merge.codes_changed:,} of {merge.base_params:,} codes; unmerge restored qweight exactly.
 {end_marker}
 """
-
-
-def uneven_groups(setup: Setup) -> str:
-    """A note for a model whose intermediate size is not a multiple of the group size (`tiny`: 1376 = 10.75 x 128)."""
-    size = group_size(setup)
-    if setup.intermediate_size % size == 0:
-        return ""
-    return (
-        f"; down_proj's {setup.intermediate_size} inputs are not a multiple of {size}: its last group is short, and "
-        "QA-SparsePEFT reads its scales and zero-points per input row through g_idx (the act-order path)"
-    )
 
 
 def _gptqmodel_version() -> str:

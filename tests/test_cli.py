@@ -143,7 +143,7 @@ def test_quantize_equals_the_library_call(capsys, model_dir, texts_file, tokeniz
 
     sparse = tmp_path / "sparse"
     assert run(capsys, "sparsify", model_dir, sparse, "--method", "magnitude", "--quiet")[0] == 0
-    short = run(capsys, "quantize", sparse, tmp_path / "short", "--dataset", texts_file, "--quiet")
+    short = run(capsys, "quantize", sparse, tmp_path / "short", "--dataset", texts_file, "--group-size", 32, "--quiet")
     assert short[0] == 2 and "needs samples of more than 10 tokens (gptqmodel drops shorter ones)" in short[2]
     calibration = [" ".join(TEXTS[i : i + 8]) for i in range(0, len(TEXTS), 8)]  # long enough for gptqmodel
     joined = tmp_path / "joined.jsonl"

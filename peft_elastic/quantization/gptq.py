@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +64,11 @@ class QuantizationReport:
 
 #: gptqmodel (7.6) drops calibration samples of this many tokens or fewer, whatever `calibration_data_min_length` says.
 GPTQMODEL_MIN_TOKENS = 10
+#: The group sizes gptqmodel (7.6) packs besides -1 (one group per row); it refuses others after calibrating.
+GPTQMODEL_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+#: The group sizes of torch's CPU int4 matmul (`_weight_int4pack_mm_cpu`), behind the 4-bit kernels that transformers
+#: and gptqmodel pick on CPU by default (`TorchAtenLinear`, and `TorchFusedLinear` for -1, whose group is a whole row).
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def quantize_gptq(
@@ -85,19 +91,45 @@ def quantize_gptq(
 
     `model_or_path`: a model id, a local checkpoint (with its tokenizer, or pass `tokenizer=`), or a model object
     (pass `tokenizer=`). `calibration_data`: as for `sparsify` — input_ids tensors or dicts, a tokenized
-    `datasets.Dataset`, or texts with `tokenizer=`. `bits` in 2/4/8; `group_size` -1 (one group per row) or a
-    positive power of two; `sym`/`desc_act` as in GPTQ (`desc_act` = act-order, which permutes `g_idx`). `device`:
-    where gptqmodel quantizes (default: CUDA if available, else CPU; on CPU its worker count is set to the number of
-    cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is set). Writes the checkpoint, the
-    tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized layer) and `quantization_report.json`,
-    atomically; returns the report."""
+    `datasets.Dataset`, or texts with `tokenizer=`. `bits` in 2/4/8; `group_size` -1 (one group per row) or a power
+    of two from 16 to 1024 that divides the in-features of every layer gptqmodel quantizes (checked from the model's
+    config before any work; the error lists the sizes that do; at 4 bits, transformers' default CPU kernel reads 32,
+    64, 128 and 256 only, and a warning says so); `sym`/`desc_act` as in GPTQ (`desc_act` = act-order, which
+    permutes `g_idx`). `device`: where gptqmodel quantizes (default: CUDA if available, else CPU; on CPU its worker
+    count is set to the number of cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is
+    set). Writes the checkpoint, the tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized
+    layer) and `quantization_report.json`, atomically; returns the report."""
     check_bits(bits)
     power_of_two = isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
     if not (group_size == -1 or power_of_two):
         raise ValueError(f"group_size must be -1 (one group per row) or a positive power of two, got {group_size!r}")
+    if group_size != -1 and group_size not in GPTQMODEL_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size} is not one gptqmodel packs; use -1 (one group per row) or one of "
+            f"{', '.join(map(str, GPTQMODEL_GROUP_SIZES))}."
+        )
     for flag, value in (("sym", sym), ("desc_act", desc_act)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
+    source = _checked_source(model_or_path, tokenizer)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    config = QuantizeConfig(
+        # packed with the zero-points as they are (v2): gptqmodel's conversion to v1 (z - 1) borrows from the
+        # neighbouring zero-point where z = 0; v1 is written below only when it can hold every zero-point
+        format="gptq_v2",
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        damp_percent=damp_percent,
+        offload_to_disk=False,
+        # gptqmodel's group-aware reordering needs groups; leave its default otherwise
+        **({"act_group_aware": False} if group_size == -1 else {}),
+    )
+    in_features = _planned_in_features(source, config)
+    _check_group_size(group_size, in_features)
+    _warn_if_cpu_int4_kernel_fails(bits, group_size, in_features)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -105,7 +137,7 @@ def quantize_gptq(
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
 
     with contextlib.ExitStack() as stack:
-        source = _source_checkpoint(model_or_path, tokenizer, stack)
+        source = _source_checkpoint(source, tokenizer, stack)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(source)
         batches = calibration_batches(
             calibration_data, tokenizer, text_column=text_column, max_length=max_length, num_samples=num_samples
@@ -124,21 +156,6 @@ def quantize_gptq(
                 f"ones), but the longest of the {len(calibration)} samples has {longest}; use longer texts (e.g. "
                 "join several) or a larger max_length."
             )
-        from gptqmodel import GPTQModel, QuantizeConfig
-
-        config = QuantizeConfig(
-            # packed with the zero-points as they are (v2): gptqmodel's conversion to v1 (z - 1) borrows from the
-            # neighbouring zero-point where z = 0; v1 is written below only when it can hold every zero-point
-            format="gptq_v2",
-            bits=bits,
-            group_size=group_size,
-            sym=sym,
-            desc_act=desc_act,
-            damp_percent=damp_percent,
-            offload_to_disk=False,
-            # gptqmodel's group-aware reordering needs groups; leave its default otherwise
-            **({"act_group_aware": False} if group_size == -1 else {}),
-        )
         quantizer = GPTQModel.load(str(source), config, device=str(device))
         logs = stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_elastic_gptq_logs_"))
         with _working_directory(logs):  # gptqmodel writes its log to ./logs
@@ -146,6 +163,8 @@ def quantize_gptq(
         layers = _quantized_layers(quantizer.model)
         if not layers:
             raise RuntimeError("gptqmodel quantized no linear layer of this model; nothing was written.")
+        # the layers gptqmodel did quantize, for a model whose definition gptqmodel detects itself (not planned above)
+        _check_group_size(group_size, {name: layer.in_features for name, layer in layers.items()})
         masks = _read_masks(source, layers)
         report = QuantizationReport(bits, group_size, sym, desc_act)
         for name, layer in layers.items():
@@ -162,15 +181,17 @@ def quantize_gptq(
     return report
 
 
-def _source_checkpoint(model_or_path, tokenizer, stack: contextlib.ExitStack) -> Path | str:
-    """A path (or hub id) gptqmodel can load: a model object is saved to a temporary folder with its tokenizer."""
+def _checked_source(model_or_path, tokenizer) -> nn.Module | Path | str:
+    """The model object, checkpoint folder or hub id to quantize, checked before any work."""
     if isinstance(model_or_path, nn.Module):
+        if not (hasattr(model_or_path, "save_pretrained") and hasattr(model_or_path, "config")):
+            raise ValueError(
+                "model_or_path must be a transformers model (with a config and save_pretrained) when it is a model "
+                f"object, got {type(model_or_path).__name__}"
+            )
         if tokenizer is None:
             raise ValueError("quantize_gptq needs tokenizer= with a model object (gptqmodel loads the tokenizer too).")
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_elastic_gptq_src_")))
-        model_or_path.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return folder
+        return model_or_path
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ValueError(
             "model_or_path must be a model id, a checkpoint folder or a model object, got "
@@ -180,6 +201,90 @@ def _source_checkpoint(model_or_path, tokenizer, stack: contextlib.ExitStack) ->
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a model checkpoint folder (no config.json).")
     return path if path.exists() else str(model_or_path)
+
+
+def _source_checkpoint(source, tokenizer, stack: contextlib.ExitStack) -> Path | str:
+    """A path (or hub id) gptqmodel can load: a model object is saved to a temporary folder with its tokenizer."""
+    if not isinstance(source, nn.Module):
+        return source
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_elastic_gptq_src_")))
+    source.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _planned_in_features(source, quantize_config) -> dict[str, int]:
+    """`{module name: in-features}` of the layers gptqmodel will quantize, in module order: the linear layers that its
+    model definition lists inside the decoder blocks (for Llama `model.layers.N.self_attn.{q,k,v,o}_proj` and
+    `model.layers.N.mlp.{gate,up,down}_proj`; not `lm_head` nor the embeddings). A checkpoint folder or hub id is
+    built from its config on the meta device: no weights are read. Empty for a model type gptqmodel has no
+    definition of (it then detects the layers itself; they are checked after quantizing)."""
+    from gptqmodel.models.auto import MODEL_MAP
+
+    if isinstance(source, nn.Module):
+        model = source
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)))
+    definition = MODEL_MAP.get(model.config.model_type.lower())
+    if definition is None or definition.module_tree is None:
+        return {}
+    prefixes = tuple(definition.extract_layers_node())
+    blocks = definition.simple_layer_modules(model.config, quantize_config)
+    suffixes = tuple(suffix for block in blocks for suffix in block)
+    return {
+        name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.startswith(prefixes)
+        and name.endswith(suffixes)
+        and not name.startswith(definition.lm_head)
+        and definition.should_quantize_module(model, name, module, quantize_config)
+    }
+
+
+def _fitting_group_sizes(widths) -> list[int]:
+    """The group sizes gptqmodel packs (besides -1) that divide every one of `widths`, largest first."""
+    return [g for g in reversed(GPTQMODEL_GROUP_SIZES) if all(w % g == 0 for w in widths)]
+
+
+def _check_group_size(group_size: int, in_features: dict[str, int]) -> None:
+    """Raise unless `group_size` (-1 or a power of two) divides the in-features of every layer of `in_features`
+    (`{module name: in-features}`); the error names the first layer it does not divide and lists the sizes that
+    divide them all."""
+    bad = next((name for name, width in in_features.items() if group_size != -1 and width % group_size), None)
+    if bad is None:
+        return
+    widths = sorted(set(in_features.values()))
+    fitting = ", ".join(map(str, _fitting_group_sizes(widths)))
+    raise ValueError(
+        f"group_size={group_size} does not divide the in-features of {bad} ({in_features[bad]}): GPTQ groups must "
+        "tile the input of every quantized layer (on such a checkpoint transformers' default 4-bit CPU kernel fails "
+        "with 'expect K to be divisible by qGroupSize'). Group sizes that divide the in-features of every quantized "
+        f"layer ({', '.join(map(str, widths))}): {fitting + ' or ' if fitting else ''}-1 (one group per row)."
+    )
+
+
+def _warn_if_cpu_int4_kernel_fails(bits: int, group_size: int, in_features: dict[str, int]) -> None:
+    """Warn when the 4-bit CPU kernels that transformers picks by default cannot run the checkpoint: torch's int4
+    matmul takes groups of 32, 64, 128 or 256 only (-1 makes a group of a whole row)."""
+    if bits != 4 or not in_features:
+        return
+    widths = sorted(set(in_features.values()))
+    groups = widths if group_size == -1 else [group_size]
+    if all(g in CPU_INT4_GROUP_SIZES for g in groups):
+        return
+    runs = [g for g in _fitting_group_sizes(widths) if g in CPU_INT4_GROUP_SIZES]
+    warnings.warn(
+        f"group_size={group_size}: transformers' default 4-bit CPU kernels (gptqmodel's TorchAtenLinear / "
+        f"TorchFusedLinear) cannot run this checkpoint (torch's int4 matmul takes groups of "
+        f"{', '.join(map(str, CPU_INT4_GROUP_SIZES))}; in-features here: {', '.join(map(str, widths))}); on CPU "
+        f"load it with GPTQConfig(bits=4, backend='gptq_torch'), or quantize with group_size "
+        f"{' or '.join(map(str, runs)) or '(none fits these widths)'}.",
+        stacklevel=3,
+    )
 
 
 def _load_tokenizer(source):
