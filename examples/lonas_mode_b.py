@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 import peft_elastic
@@ -57,7 +57,9 @@ def texts(dataset: Dataset) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument("--strategy", default="random", choices=STRATEGIES, help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
@@ -83,9 +85,8 @@ def main(argv=None) -> dict:
     train, test = make_dataset(512, args.seed), make_dataset(64, args.seed + 1)
     calibration = texts(make_dataset(32, args.seed + 2))
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        base, tokenizer = peft_elastic.load_causal_lm(args.model)  # float32
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:
         # learned on prompts and completions apart, so that no token spans the boundary (SFTTrainer wants the
         # tokenized prompt to be a prefix of the tokenized prompt + completion)

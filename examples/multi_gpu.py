@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from datasets import Dataset
 from peft import get_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
 import peft_elastic
@@ -58,7 +57,9 @@ def adapter_checksum(model) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
@@ -92,8 +93,7 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     train_set, test = make_dataset(512, args.seed), make_dataset(64, args.seed + 1)
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        base = AutoModelForCausalLM.from_pretrained(args.model)
+        base, tokenizer = peft_elastic.load_causal_lm(args.model)  # float32
     else:
         # every rank builds the same tokenizer and model (deterministic); learned on prompts and completions apart,
         # so that no token spans the boundary

@@ -8,18 +8,19 @@ import copy
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import peft_elastic
 from peft_elastic import ElasticLoraConfig
 from peft_elastic.toy import tiny_llama
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+parser.add_argument(
+    "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+)
 parser.add_argument("--output-dir", default="out", help="where to write the checkpoints (default: out)")
 args = parser.parse_args()
 
-base = AutoModelForCausalLM.from_pretrained(args.model) if args.model else tiny_llama()
+base = peft_elastic.load_causal_lm(args.model)[0] if args.model else tiny_llama()
 base2 = copy.deepcopy(base)  # a second copy of the base, to reload the super-adapter onto
 
 model = get_peft_model(

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import SFTConfig
 
 import peft_elastic
@@ -64,7 +64,9 @@ def adapter_mode(path: Path) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument("--adapter", default=None, help="a trained elastic adapter folder (default: train one here)")
     parser.add_argument(
         "--mode", default=None, choices=["A", "B"], help="the adapter to train: A ranks, B ranks+widths (default: B)"
@@ -104,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_base(args, tokenizer):
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        return peft_elastic.load_causal_lm(args.model)[0]  # float32
     # 8 query heads over 4 key/value heads of 12 channels (head choices 8, 6, 4 in Mode B)
     return tiny_llama(
         vocab_size=len(tokenizer),
@@ -177,7 +179,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     train, validation, test = (make_dataset(n, args.seed + i) for i, n in enumerate((512, 64, 64)))
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(peft_elastic.resolve_model(args.model))
     elif args.adapter and (Path(args.adapter) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(args.adapter)  # the tokenizer the adapter was trained with
     else:

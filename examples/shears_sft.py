@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
 import peft_elastic
@@ -33,7 +32,9 @@ def make_dataset(n: int, seed: int) -> Dataset:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
@@ -52,8 +53,7 @@ def main(argv=None) -> dict[str, float]:
     out = Path(args.output_dir)
     train, test = make_dataset(512, args.seed), make_dataset(64, args.seed + 1)
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        base = AutoModelForCausalLM.from_pretrained(args.model)
+        base, tokenizer = peft_elastic.load_causal_lm(args.model)  # float32
     else:
         tokenizer = train_tokenizer([p["prompt"] + p["completion"] for p in train], vocab_size=96)
         base = tiny_llama(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, seed=args.seed)

@@ -37,7 +37,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+from transformers import AutoModelForCausalLM, GPTQConfig
 from trl import SFTConfig
 
 import peft_elastic
@@ -102,7 +102,9 @@ def update_on_pruned(model, masks: dict[str, torch.Tensor]) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument(
         "--adapter", default="sparse-peft", choices=["sparse-peft", "nls"], help="adapter type (default: sparse-peft)"
     )
@@ -142,10 +144,9 @@ def main(argv=None) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     train, test = make_texts(512, args.seed), make_texts(64, args.seed + 1)
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        base, tokenizer = peft_elastic.load_causal_lm(args.model)  # float32
         if tokenizer.pad_token is None:  # e.g. Llama's: batches are padded
             tokenizer.pad_token = tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:
         tokenizer = train_tokenizer(train, vocab_size=96)
         base = tiny_llama(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, seed=args.seed)

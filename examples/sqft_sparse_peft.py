@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 import peft_elastic
@@ -55,7 +55,9 @@ def calibration_texts(texts: list[str], per_sample: int = 8) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face model id or local path (default: a tiny Llama)")
+    parser.add_argument(
+        "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
+    )
     parser.add_argument("--sparsity", type=float, default=0.5, help="Wanda sparsity of every row (default: 0.5)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
     parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
@@ -87,10 +89,9 @@ def main(argv=None) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     train, test = make_texts(512, args.seed), make_texts(64, args.seed + 1)
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        base, tokenizer = peft_elastic.load_causal_lm(args.model)  # float32
         if tokenizer.pad_token is None:  # e.g. Llama's: batches are padded
             tokenizer.pad_token = tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:
         tokenizer = train_tokenizer(train, vocab_size=96)
         base = tiny_llama(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, seed=args.seed)

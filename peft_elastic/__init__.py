@@ -10,6 +10,7 @@ from .compressed import export_compressed_model, load_compressed_model
 from .cost import Cost, CostModel, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
 from .export import export_sub_adapter, sub_adapter_state
 from .importance import reorder_by_importance
+from .models import load_causal_lm, resolve_model
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
 from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
 from .subnetwork import (
@@ -54,6 +55,7 @@ __all__ = [
     "export_sub_adapter",
     "get_subnetwork",
     "heuristic_subnetwork",
+    "load_causal_lm",
     "load_compressed_model",
     "load_sparsity_mask",
     "maximal_subnetwork",
@@ -65,6 +67,7 @@ __all__ = [
     "parameters_per_rank",
     "quantize_gptq",
     "reorder_by_importance",
+    "resolve_model",
     "sample_subnetwork",
     "save_sparsified",
     "search_space",

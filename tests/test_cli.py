@@ -97,7 +97,7 @@ def test_output_folder_is_refused_or_replaced_whole(capsys, model_dir, tmp_path)
 
 @pytest.mark.parametrize(
     "case",
-    ["column", "model", "wanda_without_data", "dataset_missing", "bad_suffix", "bad_pattern"],
+    ["column", "model", "gguf", "file", "wanda_without_data", "dataset_missing", "bad_suffix", "bad_pattern"],
 )
 def test_bad_inputs_end_with_one_line(capsys, model_dir, texts_file, tmp_path, case):
     out = tmp_path / "out"
@@ -109,6 +109,15 @@ def test_bad_inputs_end_with_one_line(capsys, model_dir, texts_file, tmp_path, c
         "model": (
             [tmp_path / "nowhere", out, "--method", "magnitude"],
             "cannot load model '{nowhere}': not a local folder, and not a model id reachable from here (offline?)",
+        ),
+        "gguf": (
+            [tmp_path / "nowhere.gguf", out, "--method", "magnitude"],
+            "cannot load model '{nowhere}.gguf': GGUF file '{nowhere}.gguf' does not exist.",
+        ),
+        "file": (
+            [texts_file, out, "--method", "magnitude"],
+            "cannot load model '{data}': a file that is not a model: give a model folder, a hub id, a .gguf file or "
+            "'smollm2'",
         ),
         "wanda_without_data": ([model_dir, out], "--method wanda needs calibration texts: --dataset"),
         "dataset_missing": ([model_dir, out, "--dataset", "no/such-dataset"], "cannot load dataset 'no/such-dataset'"),

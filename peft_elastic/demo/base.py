@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..io import staged_directory
+from ..models import default_cache_dir  # noqa: F401  (the demo cache is the package cache)
 from ..toy import tiny_llama, train_tokenizer
 from .task import TASK_VERSION, pretraining_texts
 
@@ -45,13 +45,6 @@ class BaseSettings:
         """A short name for the cache entry of this base."""
         blob = json.dumps({**dataclasses.asdict(self), "task": TASK_VERSION}, sort_keys=True)
         return f"base-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def default_cache_dir() -> Path:
-    """`$PEFT_ELASTIC_CACHE`, else `$XDG_CACHE_HOME/peft_elastic`, else `~/.cache/peft_elastic`."""
-    if os.environ.get("PEFT_ELASTIC_CACHE"):
-        return Path(os.environ["PEFT_ELASTIC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft_elastic"
 
 
 def is_cached(settings: BaseSettings, cache_dir: Path) -> bool:
