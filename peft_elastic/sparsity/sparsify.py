@@ -165,25 +165,29 @@ def sparsify(
 
 
 def _input_norms(block, modules, inputs, token_masks) -> dict[str, torch.Tensor]:
-    """`{module name: Σ over calibration tokens of x_j²}` for each linear layer of `block`."""
+    """`{module name: Σ over calibration tokens of x_j²}` for each linear layer of `block`. Layers that read the same
+    input tensor (q/k/v, gate/up) share one sum: it is computed once per input of each forward."""
     sums = {
         name: torch.zeros(_in_features(m), dtype=torch.float64, device=m.weight.device) for name, m in modules.items()
     }
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    current: dict = {"mask": None, "seen": {}}
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if current["mask"] is not None:
-                x = x[current["mask"]]
-            sums[name] += x.double().pow(2).sum(dim=0)
+            seen = current["seen"].get(id(args[0]))
+            if seen is None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                if current["mask"] is not None:
+                    x = x[current["mask"]]
+                seen = current["seen"][id(args[0])] = (args[0], x.float().square().sum(dim=0, dtype=torch.float64))
+            sums[name] += seen[1]
 
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
         for (hidden, kwargs), mask in zip(inputs, token_masks, strict=True):
-            current["mask"] = mask
+            current["mask"], current["seen"] = mask, {}  # the input is kept with its sum, so its id is not reused
             block(hidden, **kwargs)
     finally:
         for handle in handles:
