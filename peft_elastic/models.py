@@ -94,8 +94,10 @@ def _read_gguf(source: Path):
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
         raise ValueError(f"Reading {source.name} needs the gguf package: pip install gguf") from None
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    # transformers' GGUF reader draws a plain tqdm bar per file, which its progress-bar switch does not reach
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
