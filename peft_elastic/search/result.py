@@ -20,7 +20,10 @@ class SearchResult:
     "metric", "cost", "state" ("complete" or "failed"), "seconds"}`. `direction` is the metric's ("minimize": a loss,
     "maximize": an accuracy); the cost is always minimised. `reference` is the metric of the maximal subnetwork
     when it was evaluated (the search seeds it), `heuristic` the heuristic subnetwork's trial. `timing`: seconds spent
-    switching subnetworks, evaluating and costing, and the search overhead as a fraction of evaluation time."""
+    switching subnetworks, evaluating and costing, and the search overhead as a fraction of evaluation time; the
+    number of evaluations and of repeats (proposals of evaluated subnetworks, served from the storage). `stopped` says
+    why the search ended before `n_trials` (every subnetwork of the space evaluated, or hill_climb at a local
+    optimum), None when it did not."""
 
     trials: list[dict]
     direction: str
@@ -29,6 +32,7 @@ class SearchResult:
     reference: dict | None = None
     heuristic: dict | None = None
     timing: dict = dataclasses.field(default_factory=dict)
+    stopped: str | None = None
 
     # --------------------------------------------------------------------------------------------- selection
 

@@ -25,7 +25,15 @@ from ..subnetwork import (
 )
 from ..tuners.elastic_lora.space import RankGroup
 from .result import SearchResult
-from .strategies import STRATEGIES, _key, hill_climb_proposal, optuna_sampler
+from .strategies import (
+    MAX_REPEATS,
+    STRATEGIES,
+    _key,
+    hill_climb_proposal,
+    optuna_sampler,
+    resumed_seed,
+    unevaluated_subnetwork,
+)
 
 COSTS = ("params", "macs", "latency", "adapter_params")
 DIRECTIONS = ("minimize", "maximize")
@@ -52,10 +60,13 @@ def run_search(
     and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`; "latency", the median of 5
     forward passes of `seq_len` tokens through the super-network with the subnetwork active; "adapter_params", the
     adapter parameters it uses (what Shears compares: with rank choices only, every subnetwork deploys as a model of
-    the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials`
-    counts every finished trial of the study, so a resumed search (same `storage`, an optuna URL such as
-    "sqlite:///search.db") continues up to it without repeating finished trials. The model's active subnetwork is
-    restored at the end."""
+    the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` is
+    the number of trials of the study: evaluated subnetworks, each a different one (complete or failed by its
+    evaluation), so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues up to it
+    with new subnetworks. A subnetwork proposed again is not evaluated nor counted: it is recorded as a failed trial
+    with user attribute `repeat_of` (samplers ignore failed trials) and the sampler is asked again. The search stops
+    early, with a warning and `SearchResult.stopped`, when every subnetwork of the space has been evaluated (or
+    hill_climb reaches a local optimum). The model's active subnetwork is restored at the end."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown search strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
     if not callable(cost) and cost not in COSTS:
@@ -86,9 +97,11 @@ def run_search(
         storage=storage,
         study_name=study_name or f"peft_elastic-{strategy}",
         directions=[direction, "minimize"],
-        sampler=optuna_sampler(strategy, seed, population_size),
         load_if_exists=True,
     )
+    # a resumed study gets a seed of its own: with `seed` again, the sampler would propose the first run's subnetworks
+    seed = resumed_seed(seed, len(study.get_trials(deepcopy=False)))
+    study.sampler = optuna_sampler(strategy, seed, population_size)
     saved = study.user_attrs.get("signature")
     if saved is None:
         study.set_user_attr("signature", json.loads(json.dumps(signature)))
@@ -115,27 +128,39 @@ def run_search(
         )
     active = get_subnetwork(model, adapter_name)
     rng = random.Random(seed)
-    timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0}
+    timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0, "repeats": 0}
     started = time.perf_counter()
-    bar = _progress(progress, n_trials, _finished(study))
-    known = _known_values(study, space)  # kept up to date below, instead of scanning every trial per trial
-    finished = _finished(study)
+    evaluated = _evaluated(study, space)  # kept up to date below, instead of scanning every trial per trial
+    size = math.prod(len(choices) for choices in space.values())
+    finished, in_a_row, stopped = _finished(study), 0, None
+    bar = _progress(progress, n_trials, finished)
     try:
         while finished < n_trials:
-            if strategy == "hill_climb" and not study.get_trials(deepcopy=False, states=_waiting()):
-                proposal = _hill_climb_next(study, space, direction, rng)
-                if proposal is None:
-                    break  # every neighbour of the Pareto front has been evaluated
-                study.enqueue_trial(proposal)
+            if len(evaluated) >= size:
+                stopped = f"All {size} subnetworks of the search space have been evaluated"
+                break
+            if not study.get_trials(deepcopy=False, states=_waiting()):
+                if strategy == "heuristic":
+                    break  # it evaluates its enqueued subnetworks only
+                if strategy == "hill_climb":
+                    proposal = _hill_climb_next(study, space, direction, rng)
+                    if proposal is None:
+                        stopped = "hill_climb reached a local optimum (every neighbour of its Pareto front evaluated)"
+                        break
+                    study.enqueue_trial(proposal)
+                elif in_a_row >= MAX_REPEATS:  # the sampler keeps proposing evaluated subnetworks
+                    study.enqueue_trial(unevaluated_subnetwork(space, evaluated, rng))
             trial = study.ask(distributions)
             params = trial.params  # a copy per access
             subnetwork = {name: params[name] for name in space}
-            values = known.get(_key(subnetwork, space))
-            if values is not None:  # a sampler proposed a subnetwork already evaluated: no need to evaluate it again
-                study.tell(trial, values)
-                finished += 1
-                bar.update(1)
+            key = _key(subnetwork, space)
+            if key in evaluated:  # proposed again: served from the storage, not evaluated nor counted; ask again
+                trial.set_user_attr("repeat_of", evaluated[key])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                timing["repeats"] += 1
+                in_a_row += 1
                 continue
+            in_a_row = 0
             tick = time.perf_counter()
             apply_subnetwork(groups, subnetwork, resolved_adapter)  # the sampled choices come from the space
             timing["switch_seconds"] += time.perf_counter() - tick
@@ -150,20 +175,23 @@ def run_search(
                 trial.set_user_attr("failure", f"the evaluator returned {metric!r}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
-                known[_key(subnetwork, space)] = [float(metric), float(value)]
-                study.tell(trial, known[_key(subnetwork, space)])
+                study.tell(trial, [float(metric), float(value)])
+            evaluated[key] = trial.number
             finished += 1
             bar.update(1)
     finally:
         bar.close()
         set_subnetwork(model, active, adapter_name)
+    if stopped is not None:
+        stopped += f": the search stopped at {finished} of n_trials={n_trials} trials."
+        warnings.warn(stopped, UserWarning, stacklevel=2)
     timing["total_seconds"] = time.perf_counter() - started
     timing["overhead_fraction"] = (
         (timing["total_seconds"] - timing["evaluate_seconds"]) / timing["evaluate_seconds"]
         if timing["evaluate_seconds"]
         else None
     )
-    return _result(study, space, direction, cost_name, strategy, seeds, timing)
+    return _result(study, space, direction, cost_name, strategy, seeds, timing, stopped)
 
 
 def _cost_function(model: nn.Module, cost, seq_len: int, adapter_name: str | None):
@@ -202,12 +230,13 @@ def _counted(trial) -> bool:
     return trial.state == optuna.trial.TrialState.FAIL and "failure" in trial.user_attrs
 
 
-def _known_values(study, space) -> dict[tuple, list[float]]:
-    """`{subnetwork key: [metric, cost]}` of the complete trials."""
-    import optuna
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return {_key(t.params, space): list(t.values) for t in complete}
+def _evaluated(study, space) -> dict[tuple, int]:
+    """`{subnetwork key: number of the trial that evaluated it}` of the counted trials."""
+    evaluated = {}
+    for trial in study.get_trials(deepcopy=False):
+        if _counted(trial):
+            evaluated.setdefault(_key(trial.params, space), trial.number)
+    return evaluated
 
 
 def _finished(study) -> int:
@@ -235,7 +264,7 @@ def _hill_climb_next(study, space, direction: str, rng: random.Random) -> dict[s
     return hill_climb_proposal(front, evaluated, space, rng)
 
 
-def _result(study, space, direction, cost_name, strategy, seeds, timing) -> SearchResult:
+def _result(study, space, direction, cost_name, strategy, seeds, timing, stopped) -> SearchResult:
     import optuna
 
     trials = []
@@ -264,6 +293,7 @@ def _result(study, space, direction, cost_name, strategy, seeds, timing) -> Sear
         reference=reference,
         heuristic=heuristic,
         timing=timing,
+        stopped=stopped,
     )
 
 
