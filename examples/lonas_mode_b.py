@@ -2,7 +2,9 @@
 
 The recipe: order every block's MLP channels and attention heads by importance on calibration data
 (`reorder_by_importance`, the model computes exactly what it did), then wrap the base with `ElasticLoraConfig` in
-Mode B: rank choices [r, 3r/4, r/2] on the seven projections, MLP width and head choices [1.0, 0.75, 0.5] per layer.
+Mode B: rank choices [r, 3r/4, r/2] on the seven projections, MLP width and head choices [1.0, 0.75, 0.5] per layer
+(where those fractions do not land on whole channels or whole key/value groups, the sizes at most them: SmolLM2-135M's
+9 query heads over 3 key/value heads take [9, 6, 3]; checked before the ordering).
 The super-network is fine-tuned with `ElasticSFTTrainer` (a new subnetwork per optimizer step), its maximal, heuristic
 and minimal subnetworks are compared (eval loss, deployed parameters and MACs from `subnetwork_cost`), and the
 heuristic one is exported as a physically smaller model (`export_compressed_model`), reloaded with
@@ -33,9 +35,10 @@ import peft_elastic
 from peft_elastic import ElasticLoraConfig
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.tuners.elastic_lora.space import resolve_width_choices, sizes_at_most
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-WIDTHS = [1.0, 0.75, 0.5]  # fractions of each layer's MLP intermediate size
+WIDTHS = [1.0, 0.75, 0.5]  # fractions of each layer's MLP intermediate size (see mode_b_choices)
 HEADS = [1.0, 0.75, 0.5]  # fractions of each attention block's query heads (whole key/value groups)
 SUBNETWORKS = {
     "maximal": peft_elastic.maximal_subnetwork,
@@ -53,6 +56,22 @@ def make_dataset(n: int, seed: int) -> Dataset:
 
 def texts(dataset: Dataset) -> list[str]:
     return [row["prompt"] + row["completion"] for row in dataset]
+
+
+def mode_b_choices(config) -> dict[str, list]:
+    """`width_choices` and `head_choices` for a base of this `config`: WIDTHS and HEADS where they land on whole MLP
+    channels and whole key/value groups of heads, else the sizes at most them (SmolLM2-135M's 9 query heads over 3
+    key/value heads: 0.75 and 0.5 of them are 6.75 and 4.5 heads, so [9, 6, 3])."""
+    heads = config.num_attention_heads
+    per_kv = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    choices = {}
+    for option, fractions, full, unit in (
+        ("width_choices", WIDTHS, config.intermediate_size, 1),
+        ("head_choices", HEADS, heads, per_kv),
+    ):
+        sizes = sizes_at_most(fractions, full, multiple_of=unit)
+        choices[option] = fractions if sizes == [f * full for f in fractions] else sizes
+    return choices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,6 +120,19 @@ def main(argv=None) -> dict:
             seed=args.seed,
         )
     probe = tokenizer(texts(test)[:8], return_tensors="pt", padding=True)
+    r = args.rank
+    config = ElasticLoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        rank_choices=sorted({r, 3 * r // 4, r // 2}, reverse=True),
+        target_modules=TARGETS,
+        **mode_b_choices(base.config),
+    )
+    # the sizes every layer will take, checked now (in milliseconds), not after the ordering (minutes on a real model)
+    resolved = resolve_width_choices(base, config)
+    for kind, label in (("width", "MLP width"), ("heads", "head")):
+        choices = {c for group, c in resolved.items() if group.endswith(f":{kind}")}  # one per distinct layer size
+        print(f"{label} choices per layer: {' / '.join(str(list(c)) for c in sorted(choices, reverse=True))}")
 
     # 1. importance ordering: the channels and heads every narrower subnetwork keeps are the most important ones
     before = logits(base, probe)
@@ -110,15 +142,6 @@ def main(argv=None) -> dict:
     tokenizer.save_pretrained(out / "reordered-base")
 
     # 2. the super-network, trained with a new subnetwork per optimizer step
-    r = args.rank
-    config = ElasticLoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        rank_choices=sorted({r, 3 * r // 4, r // 2}, reverse=True),
-        target_modules=TARGETS,
-        width_choices=WIDTHS,
-        head_choices=HEADS,
-    )
     torch.manual_seed(args.seed)
     trainer = ElasticSFTTrainer(
         model=base,
@@ -185,7 +208,9 @@ def main(argv=None) -> dict:
     heuristic = SUBNETWORKS["heuristic"](model)
     peft_elastic.set_subnetwork(model, heuristic)
     expected = logits(model, probe)
-    peft_elastic.export_compressed_model(model, out / "heuristic-model", heuristic, tokenizer=tokenizer)
+    peft_elastic.export_compressed_model(
+        model, out / "heuristic-model", heuristic, tokenizer=tokenizer, overwrite=True
+    )
     small = peft_elastic.load_compressed_model(out / "heuristic-model")
     saved = json.loads((out / "heuristic-model" / "config.json").read_text())
     compressed = {

@@ -164,7 +164,9 @@ def train(args: argparse.Namespace) -> dict:
         "ranks_agree": len(set(checksums)) == 1,
     }
     if trainer.is_world_process_zero():
-        peft_elastic.export_sub_adapter(model, out / "heuristic-lora", peft_elastic.heuristic_subnetwork(model))
+        peft_elastic.export_sub_adapter(
+            model, out / "heuristic-lora", peft_elastic.heuristic_subnetwork(model), overwrite=True
+        )
         (out / "figures.json").write_text(json.dumps(figures, indent=2))
         print(
             f"\n{state.num_processes} process(es) ({state.distributed_type.value}, {state.device}), global batch "

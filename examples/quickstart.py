@@ -45,7 +45,7 @@ model(input_ids, labels=input_ids).loss.backward()
 optimizer.step()
 expected = model(input_ids).logits
 
-peft_elastic.export_sub_adapter(model, f"{args.output_dir}/sub")  # a stock LoRA checkpoint
+peft_elastic.export_sub_adapter(model, f"{args.output_dir}/sub", overwrite=True)  # a stock LoRA checkpoint
 model.save_pretrained(f"{args.output_dir}/super")
 again = PeftModel.from_pretrained(base2, f"{args.output_dir}/super")  # search space and weights restored
 assert peft_elastic.search_space(again) == space

@@ -41,9 +41,12 @@ from peft_elastic import ElasticLoraConfig
 from peft_elastic.search import STRATEGIES, ExactMatchEvaluator, LossEvaluator, run_search
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.tuners.elastic_lora.space import sizes_at_most
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COSTS = ("params", "macs", "adapter_params", "latency")
+WIDTHS = [1.0, 0.75, 0.5]  # Mode B: fractions of each layer's MLP intermediate size (see mode_b_choices)
+HEADS = [1.0, 0.75, 0.5]  # and of each attention block's query heads (whole key/value groups)
 NAMED = {
     "maximal": peft_elastic.maximal_subnetwork,
     "heuristic": peft_elastic.heuristic_subnetwork,
@@ -54,6 +57,22 @@ NAMED = {
 def make_dataset(n: int, seed: int) -> Dataset:
     """Prompt-completion pairs ("Q:12+7=?A:" -> "19")."""
     return Dataset.from_list(arithmetic_problems(n, seed=seed))
+
+
+def mode_b_choices(config) -> dict[str, list]:
+    """`width_choices` and `head_choices` for a base of this `config`: WIDTHS and HEADS where they land on whole MLP
+    channels and whole key/value groups of heads, else the sizes at most them (SmolLM2-135M's 9 query heads over 3
+    key/value heads: 0.75 and 0.5 of them are 6.75 and 4.5 heads, so [9, 6, 3])."""
+    heads = config.num_attention_heads
+    per_kv = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    choices = {}
+    for option, fractions, full, unit in (
+        ("width_choices", WIDTHS, config.intermediate_size, 1),
+        ("head_choices", HEADS, heads, per_kv),
+    ):
+        sizes = sizes_at_most(fractions, full, multiple_of=unit)
+        choices[option] = fractions if sizes == [f * full for f in fractions] else sizes
+    return choices
 
 
 def adapter_mode(path: Path) -> str:
@@ -121,7 +140,7 @@ def load_base(args, tokenizer):
 def train_super_adapter(args, base, tokenizer, train: Dataset, out: Path) -> PeftModel:
     """Fine-tune an elastic super-adapter (Mode A: ranks; Mode B: ranks, MLP widths and heads) and save it."""
     r = args.rank
-    widths = {"width_choices": [1.0, 0.75, 0.5], "head_choices": [1.0, 0.75, 0.5]} if args.mode == "B" else {}
+    widths = mode_b_choices(base.config) if args.mode == "B" else {}
     config = ElasticLoraConfig(
         r=r,
         lora_alpha=2 * r,
@@ -248,12 +267,12 @@ def main(argv=None) -> dict:
     probe = tokenizer([row["prompt"] + row["completion"] for row in test][:8], return_tensors="pt", padding=True)
     expected = logits(model, probe)
     if args.mode == "A":
-        target = peft_elastic.export_sub_adapter(model, out / "best-lora", best["subnetwork"])
+        target = peft_elastic.export_sub_adapter(model, out / "best-lora", best["subnetwork"], overwrite=True)
         reloaded = PeftModel.from_pretrained(load_base(args, tokenizer), target)  # stock PEFT LoRA
         kind = "a stock LoRA adapter"
     else:
         target = peft_elastic.export_compressed_model(
-            model, out / "best-model", best["subnetwork"], tokenizer=tokenizer
+            model, out / "best-model", best["subnetwork"], tokenizer=tokenizer, overwrite=True
         )
         reloaded = peft_elastic.load_compressed_model(target)
         figures["export_params"] = sum(p.numel() for p in reloaded.parameters())

@@ -105,7 +105,9 @@ def main(argv=None) -> dict[str, float]:
         print(f"{name:<11} {figures[name]:>9.4f} {params:>15,}")
 
     trainer.save_model(str(out / "super-adapter"))  # peft_type "NLS", the maximal subnetwork active
-    peft_elastic.export_sub_adapter(model, out / "heuristic-lora", peft_elastic.heuristic_subnetwork(model))
+    peft_elastic.export_sub_adapter(
+        model, out / "heuristic-lora", peft_elastic.heuristic_subnetwork(model), overwrite=True
+    )
     (out / "figures.json").write_text(json.dumps(figures, indent=2))
     print(f"\nSuper-adapter: {out / 'super-adapter'}; heuristic subnetwork as stock LoRA: {out / 'heuristic-lora'}")
     return figures

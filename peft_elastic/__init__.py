@@ -9,7 +9,7 @@ from ._registry import register_tuner
 from .compressed import export_compressed_model, load_compressed_model
 from .cost import Cost, CostModel, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
 from .export import export_sub_adapter, sub_adapter_state
-from .importance import reorder_by_importance
+from .importance import apply_importance_order, reorder_by_importance
 from .models import load_causal_lm, resolve_model
 from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
 from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
@@ -40,6 +40,7 @@ __all__ = [
     "Cost",
     "CostModel",
     "Latency",
+    "apply_importance_order",
     "count_macs",
     "count_parameters",
     "measure_latency",

@@ -21,7 +21,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .io import staged_directory
+from .importance import check_base_fingerprint
+from .io import export_directory
 from .subnetwork import _groups, _validated, dropped_blocks, module_ranks, module_widths
 from .tuners.elastic_lora.space import BlockGroup, WidthGroup, decoder_blocks
 
@@ -44,6 +45,10 @@ def compressed_state(
     ranks = module_ranks(model, chosen, adapter_name)
     widths = module_widths(model, chosen, adapter_name)
     base = model.get_base_model() if isinstance(model, PeftModel) else model.model
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    fingerprint = tuner.peft_config[adapter_name].base_fingerprint
+    if fingerprint:  # the subnetwork's widths are positions in the base the adapter was trained on
+        check_base_fingerprint(base, fingerprint, adapter_name)
     state: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
@@ -197,17 +202,19 @@ def export_compressed_model(
     subnetwork: Mapping[str, int] | None = None,
     adapter_name: str | None = None,
     tokenizer=None,
+    overwrite: bool = False,
 ) -> Path:
     """Fold the adapters into the base at `subnetwork` (default: the active one), keep only its widths and heads,
-    and save the smaller model (and `tokenizer`, if given) to `save_directory`. Files are staged, reloaded and
-    checked, then moved into place. Load it with `AutoModelForCausalLM.from_pretrained` when every layer has the same
-    sizes, else with `peft_elastic.load_compressed_model`. Returns the directory."""
+    and save the smaller model (and `tokenizer`, if given) to `save_directory`, a new or empty folder (a non-empty
+    one is refused unless `overwrite`, which replaces it whole). The folder is written under a temporary name,
+    reloaded and checked, then renamed into place. Load it with `AutoModelForCausalLM.from_pretrained` when every
+    layer has the same sizes, else with `peft_elastic.load_compressed_model`. Returns the directory."""
     if not isinstance(model, PeftModel):
         raise ValueError(
             f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
-    compressed = compressed_model(model, subnetwork, adapter_name)
-    with staged_directory(save_directory) as staging:
+    with export_directory(save_directory, overwrite) as staging:
+        compressed = compressed_model(model, subnetwork, adapter_name)
         compressed.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

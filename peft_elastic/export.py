@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .io import staged_directory
+from .io import export_directory
 from .subnetwork import _rank_groups, module_ranks, removed_from_base
 
 # LoraConfig fields that the export sets itself; every other field is copied from the elastic config.
@@ -126,15 +126,17 @@ def export_sub_adapter(
     subnetwork: Mapping[str, int] | None = None,
     adapter_name: str | None = None,
     uniform_rank: bool | int = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write `subnetwork` (default: the active one) of an elastic adapter as a stock LoRA checkpoint
     (`adapter_config.json` with `peft_type: "LORA"`, `adapter_model.safetensors`) that `PeftModel.from_pretrained`
     and `AutoPeftModelForCausalLM.from_pretrained` load without peft_elastic, and that readers applying one scaling
     `lora_alpha / r` to every module (vLLM) read right too: the same outputs either way. `uniform_rank` writes every
-    module at one rank (see `sub_adapter_state`). Files are staged, verified, then renamed into place. Returns the
-    directory."""
-    lora_config, tensors = sub_adapter_state(model, subnetwork, adapter_name, uniform_rank)
-    with staged_directory(save_directory) as staging:
+    module at one rank (see `sub_adapter_state`). `save_directory` must be new or empty (a non-empty one is refused
+    unless `overwrite`, which replaces it whole); the folder is written under a temporary name, verified, then
+    renamed into place. Returns the directory."""
+    with export_directory(save_directory, overwrite) as staging:
+        lora_config, tensors = sub_adapter_state(model, subnetwork, adapter_name, uniform_rank)
         lora_config.save_pretrained(str(staging), auto_mapping_dict=_auto_mapping(model, lora_config))
         save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         reloaded = load_file(str(staging / SAFETENSORS_WEIGHTS_NAME))

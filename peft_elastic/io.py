@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +13,10 @@ from pathlib import Path
 @contextmanager
 def staged_directory(save_directory: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `save_directory`; when the block ends without an error, move each file
-    written there into `save_directory` (created if needed) with an atomic rename, replacing files of the same name.
-    On an error nothing in `save_directory` changes and the temporary folder is removed."""
+    written there into `save_directory` (created if needed) with an atomic rename, replacing files of the same name
+    and keeping the others. For adding files to a folder (a report next to other outputs); a folder of files that
+    belong together is written with `export_directory` / `replaced_directory`. On an error nothing in
+    `save_directory` changes and the temporary folder is removed."""
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"save_directory {str(target)!r} exists and is not a directory.")
@@ -46,12 +48,53 @@ def replaced_directory(directory: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = _name_beside(target, ".old")
+    target.rename(old)  # the old folder stays whole until the new one is in place
+    try:
+        staging.rename(target)
+    except BaseException:
+        old.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def export_directory(save_directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """`replaced_directory(save_directory)` for a library export: a new or empty `save_directory` is written, a
+    non-empty one is refused unless `overwrite` (then replaced whole, only once the block has succeeded)."""
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save_directory {str(target)!r} exists and is not a directory.")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        held = sorted(path.name for path in target.iterdir())
+        raise ValueError(
+            f"save_directory {str(target)!r} is not empty (it holds {', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); choose another folder, or pass overwrite=True to replace it whole."
+        )
+    with replaced_directory(target) as staging:
+        yield staging
 
 
 def _beside(target: Path) -> Path:
-    """A new empty folder next to `target` (same file system, so a rename moves it into place)."""
+    """A new empty folder next to `target` (same file system, so a rename moves it into place), with the permissions
+    a folder made by `mkdir` gets (not `mkdtemp`'s owner-only ones)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    while True:
+        try:
+            path = _name_beside(target, ".tmp")
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _name_beside(target: Path, suffix: str) -> Path:
+    """An unused hidden name next to `target`."""
+    while True:
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        if not path.exists():
+            return path

@@ -98,6 +98,8 @@ def get_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetw
 
 
 def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> Subnetwork:
+    """`subnetwork` with every choice an int, checked against `groups`. A choice may be any number equal to a valid
+    int (24, 24.0, numpy's ints and floats, 0-dim tensors); strings and booleans are refused."""
     if not isinstance(subnetwork, Mapping):
         raise ValueError(f"A subnetwork is a dict {{group name: choice}}, got {type(subnetwork).__name__}.")
     unknown = [name for name in subnetwork if name not in groups]
@@ -107,17 +109,28 @@ def _validated(subnetwork: Mapping[str, int], groups: dict[str, RankGroup]) -> S
         raise ValueError(
             f"Unknown group name(s) {unknown}; valid names come from peft_elastic.search_space(model), e.g. {shown}."
         )
-    invalid = {
-        name: rank
-        for name, rank in subnetwork.items()
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or int(rank) not in groups[name].choices
-    }
+    chosen = {name: _as_int(value) for name, value in subnetwork.items()}
+    invalid = {name: subnetwork[name] for name, value in chosen.items() if value not in groups[name].choices}
     if invalid:
         details = "; ".join(
-            f"{name!r}: {rank!r} (valid: {list(groups[name].choices)})" for name, rank in invalid.items()
+            f"{name!r}: {value!r} is a string (valid: the numbers {list(groups[name].choices)})"
+            if isinstance(value, str)
+            else f"{name!r}: {value!r} (valid: {list(groups[name].choices)})"
+            for name, value in invalid.items()
         )
         raise ValueError(f"Invalid choice(s) in subnetwork: {details}.")
-    return {name: int(rank) for name, rank in subnetwork.items()}
+    return chosen
+
+
+def _as_int(value) -> int | None:
+    """`value` as an int when it is a number equal to one (24, 24.0, numpy scalars, 0-dim tensors), else None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if float(value).is_integer() else None
 
 
 def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name: str | None = None) -> None:

@@ -108,8 +108,9 @@ def test_export_is_all_or_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(peft_elastic.export, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        peft_elastic.export_sub_adapter(model, target)
+    with pytest.raises(OSError, match="disk full"):  # a failed export replaces nothing, even with overwrite
+        peft_elastic.export_sub_adapter(model, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json"]
     assert (target / "adapter_config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no staging folder left behind
 

@@ -264,13 +264,16 @@ def test_width_configuration_errors():
             dict(target_modules=["gate_proj", "up_proj"], width_choices=[1.0, 0.5]),
             r"needs \['gate_proj', 'up_proj', 'down_proj'\] adapted, but \['down_proj'\] are not in target_modules",
         ),
-        (dict(target_modules=ALL, head_choices=[4, 3]), r"head choices \[3\] are not multiples of 2"),
+        (
+            dict(target_modules=ALL, head_choices=[4, 3]),
+            r"3 is not a valid head count; valid head counts for 4 query heads over 2 key/value heads: 4, 2",
+        ),
         (  # the default targets (q/v) hold no MLP layer: the widths would silently not be elastic
             dict(width_choices=[1.0, 0.5]),
             r"width_choices is set but no adapted module is one of \['gate_proj', 'up_proj', 'down_proj'\]",
         ),
         (dict(target_modules=ALL, width_choices=[256, 128]), r"must be its full size 128"),
-        (dict(target_modules=ALL, width_choices=[1.0, 0.999]), r"give duplicate sizes \[128, 128\]"),
+        (dict(target_modules=ALL, width_choices=[1.0, 0.999]), r"0\.999 gives 127\.872 channels, not a whole number"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -50,10 +50,8 @@ def validate_rank_choices(choices, what: str) -> list[int]:
 def validate_width_choices(choices, what: str) -> list[int] | list[float]:
     """Check that `choices` is a non-empty, strictly descending list of positive ints (absolute sizes) or of floats in
     (0, 1] (fractions of the full size) starting at 1.0; return it as a list."""
-    example = (
-        f"{what} must be a descending list of sizes such as [11008, 8256, 5504] or of fractions such as "
-        "[1.0, 0.75, 0.5]"
-    )
+    sizes = "[32, 24, 16]" if what == "head_choices" else "[11008, 8256, 5504]"
+    example = f"{what} must be a descending list of sizes such as {sizes} or of fractions such as [1.0, 0.75, 0.5]"
     if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__"):
         raise ValueError(f"{example}, got {choices!r}.")
     choices = list(choices)
@@ -131,7 +129,9 @@ class ElasticLoraConfig(LoraConfig):
         metadata={
             "help": (
                 "Mode B (LoNAS): the MLP intermediate widths a subnetwork may use in each decoder layer, largest "
-                "first: sizes ([11008, 8256, 5504]; the largest must be the layer's) or fractions ([1.0, 0.75, 0.5]). "
+                "first: sizes ([11008, 8256, 5504]; the largest must be the layer's) or fractions ([1.0, 0.75, 0.5]) "
+                "that land on whole channels in every layer (0.7 of 1536 is 1075.2: refused, give sizes; "
+                "`sizes_at_most` rounds fractions down, e.g. to multiples of 64). "
                 "The subnetwork keeps the first channels: the base weights and adapters of the producers "
                 "(width_modules[0]) lose output rows, those of the consumers (width_modules[1]) input columns. All of "
                 "them must be in target_modules and be torch.nn.Linear. None: the MLP width is fixed."
@@ -152,9 +152,10 @@ class ElasticLoraConfig(LoraConfig):
         metadata={
             "help": (
                 "Mode B: the numbers of attention (query) heads a subnetwork may use in each attention block, "
-                "largest first: counts ([32, 24, 16]; the largest must be the block's) or fractions ([1.0, 0.75]). "
-                "The first heads are kept; with grouped-query attention each choice must be a multiple of the "
-                "query heads per key/value head, and the key/value heads narrow with them. None: fixed."
+                "largest first: counts ([32, 24, 16]; the largest must be the block's) or fractions ([1.0, 0.75]) "
+                "that land on such counts. The first heads are kept; with grouped-query attention each count must be "
+                "a multiple of the query heads per key/value head (9 query heads over 3 key/value heads: 9, 6 or 3), "
+                "and the key/value heads narrow with them. None: fixed."
             )
         },
     )
@@ -175,6 +176,22 @@ class ElasticLoraConfig(LoraConfig):
                 "Mode B (Sukthanker et al.): indices of the decoder blocks a subnetwork may drop; each becomes a "
                 "group '<blocks>.<i>:block' with choices [1, 0] (keep, drop). Each needs an adapted module inside "
                 "it, and at least one block must stay. None: every block stays."
+            )
+        },
+    )
+    base_fingerprint: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Set by peft_elastic, not by hand. Mode B only (width_choices, head_choices or droppable_layers): a "
+                "fingerprint of the base weights the adapter was created on, taken when get_peft_model injects it: "
+                "for each elastic producer layer (and the first adapted layer of each droppable block) "
+                "'<out>x<in> row:norm,projection ...' for 8 of its weight rows. A Mode B adapter slices the base by "
+                "channel and head position, so it fits only that base (e.g. the one reorder_by_importance ordered): "
+                "loading it (PeftModel.from_pretrained, load_adapter), export_compressed_model and a narrowing "
+                "merge_and_unload() raise a ValueError on a base whose rows differ (loading the same weights in "
+                "another dtype passes). None (an adapter saved by an older version): not checked; it then takes the "
+                "fingerprint of the base it is loaded on."
             )
         },
     )

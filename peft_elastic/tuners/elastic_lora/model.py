@@ -18,6 +18,13 @@ from .layer import Linear
 from .space import block_groups, rank_groups, remove_block_hooks, width_groups
 
 
+def _slices_base(config) -> bool:
+    """Whether `config` is a Mode B elastic adapter (elastic widths, heads or droppable blocks of the base)."""
+    return isinstance(config, ElasticLoraConfig) and bool(
+        config.width_choices is not None or config.head_choices is not None or config.droppable_layers
+    )
+
+
 def _elastic_class(base_layer: nn.Module) -> type | None:
     """The elastic layer class for `base_layer`, or None when it is not supported. Quantized types come first:
     bitsandbytes layers are `nn.Linear` subclasses."""
@@ -84,6 +91,37 @@ class ElasticLoraModel(LoraModel):
             if is_gptq_layer(module):
                 pin_standard_layout(module)
         save_in_checkpoint_format(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """As for LoRA, with a Mode B adapter's base fingerprint (`config.base_fingerprint`): one that came with the
+        config (a loaded adapter) is checked against `model` before anything is changed, and a fresh adapter (or one
+        saved without it) gets the fingerprint of `model`. Every path that adds an adapter comes here
+        (`get_peft_model`, `PeftModel.from_pretrained`/`load_adapter`/`add_adapter`, transformers' `load_adapter`)."""
+        from ...importance import check_base_fingerprint  # the importance ordering sits above the tuners
+
+        config = self.peft_config[adapter_name]
+        taken_here = getattr(config, "_fingerprint_taken_here", False)
+        if _slices_base(config) and config.base_fingerprint is not None and not taken_here:
+            check_base_fingerprint(model, config.base_fingerprint, adapter_name)  # before the base is changed
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if _slices_base(config) and (config.base_fingerprint is None or taken_here):
+            self._take_base_fingerprint(model, config, adapter_name)
+
+    @staticmethod
+    def _take_base_fingerprint(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
+        """Record in `config` the fingerprint of the base weights of the adapter's elastic producers and of the first
+        adapted layer of each droppable block. `config` remembers that it was taken here: a fresh config reused for
+        another `get_peft_model` is fingerprinted again, not checked."""
+        from ...importance import base_fingerprint
+
+        groups = width_groups(model, config, adapter_name).values()
+        layers = {name: layer for group in groups for name, layer, _ in group.producers}
+        names = {id(module): name for name, module in model.named_modules()}
+        for group in block_groups(model, config, adapter_name).values():
+            layers.setdefault(names[id(group.holder)], group.holder)
+        config.base_fingerprint = base_fingerprint(layers) or None
+        config._fingerprint_taken_here = True
 
     def _post_injection_hook(self, model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)

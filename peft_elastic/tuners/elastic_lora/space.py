@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -92,35 +93,34 @@ class WidthGroup:
         return out | {name: (None, consumer_in) for name, _ in self.consumers}
 
 
+#: Option names of the two kinds of elastic widths: (choices, [producers, consumers]).
+_OPTIONS = {"width": ("width_choices", "width_modules"), "heads": ("head_choices", "head_modules")}
+
+#: How far `fraction · size` may be from a whole number and still land on it (float rounding, e.g. 2/3 of 9 heads).
+_TOLERANCE = 1e-9
+
+
 def width_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> dict[str, WidthGroup]:
     """The width groups of `adapter_name` in `model`, in module order: one per parent module that holds the MLP
     producers/consumers of `config.width_modules` (if `config.width_choices`) or the attention projections of
     `config.head_modules` (if `config.head_choices`)."""
-    specs = []
-    if config.width_choices is not None:
-        specs.append(("width", config.width_choices, config.width_modules))
-    if config.head_choices is not None:
-        specs.append(("heads", config.head_choices, config.head_modules))
+    specs = _specs(config)
     if not specs:
         return {}
-    children: dict[str, dict[str, tuple[str, ElasticLoraLayer]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ElasticLoraLayer) and adapter_name in module.lora_A:
-            parent, _, leaf = name.rpartition(".")
-            children.setdefault(parent, {})[leaf] = (name, module)
+    children = _children(model, lambda module: isinstance(module, ElasticLoraLayer) and adapter_name in module.lora_A)
     groups = {}
     for parent, members in children.items():
-        for kind, choices, (producers, consumers) in specs:
+        for kind, choices, producers, consumers in specs:
             wanted = producers + consumers
             present = [suffix for suffix in wanted if suffix in members]
             if not present:
                 continue
             missing = [suffix for suffix in wanted if suffix not in members]
+            option, modules_option = _OPTIONS[kind]
             if missing:
                 raise ValueError(
-                    f"{'width_choices' if kind == 'width' else 'head_choices'} makes {parent!r} elastic, which needs "
-                    f"{wanted} adapted, but {missing} are not in target_modules; add them (or change "
-                    f"{'width_modules' if kind == 'width' else 'head_modules'})."
+                    f"{option} makes {parent!r} elastic, which needs {wanted} adapted, but {missing} are not in "
+                    f"target_modules; add them (or change {modules_option})."
                 )
             layers = {suffix: members[suffix] for suffix in wanted}
             for name, layer in layers.values():
@@ -136,42 +136,168 @@ def width_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
                 owner = model.get_submodule(parent)
                 group = _head_group(parent, choices, layers, producers, consumers, getattr(owner, "head_dim", None))
             groups[group.name] = group
-    for kind, _, (producers, consumers) in specs:
+    for kind, _, producers, consumers in specs:
         if not any(name.endswith(f":{kind}") for name in groups):
-            option = "width_choices" if kind == "width" else "head_choices"
+            option, modules_option = _OPTIONS[kind]
             raise ValueError(
                 f"{option} is set but no adapted module is one of {producers + consumers} (target_modules decides): "
-                f"nothing would be elastic. Add them to target_modules, or change "
-                f"{'width_modules' if kind == 'width' else 'head_modules'}."
+                f"nothing would be elastic. Add them to target_modules, or change {modules_option}."
             )
     return groups
 
 
-def _resolve(choices, full: int, what: str, multiple_of: int = 1) -> tuple[int, ...]:
-    """Absolute sizes of `choices` (sizes, or fractions of `full`), checked against the layer."""
+def resolve_width_choices(model: nn.Module, config: ElasticLoraConfig) -> dict[str, tuple[int, ...]]:
+    """`{group name: choices}` of the MLP widths and attention heads `config` makes elastic in a base `model`, before
+    `get_peft_model`: the sizes its fractions give, with the errors `get_peft_model` would raise about choices the
+    model cannot take (fractions that do not land on whole channels or heads, head counts that split a key/value
+    group, a largest choice that is not the full size). Nothing is wrapped and only shapes are read, so it takes
+    milliseconds: call it before expensive work such as `reorder_by_importance`. Every parent module that holds all of
+    `width_modules` (or `head_modules`) as torch.nn.Linear layers counts; whether `target_modules` adapts them is
+    `get_peft_model`'s to check."""
+    specs = _specs(config)
+    children = _children(model, lambda module: type(module) is nn.Linear)
+    resolved = {}
+    for parent, members in children.items():
+        for kind, choices, producers, consumers in specs:
+            if not all(suffix in members for suffix in producers + consumers):
+                continue
+            layers = {suffix: members[suffix] for suffix in producers + consumers}
+            if kind == "width":
+                sizes = _mlp_sizes(parent, choices, layers, producers, consumers)
+            else:
+                head_dim = getattr(model.get_submodule(parent), "head_dim", None)
+                sizes = _head_sizes(parent, choices, layers, producers, consumers, head_dim)
+            resolved[f"{parent}:{kind}"] = sizes
+    for kind, _, producers, consumers in specs:
+        if not any(name.endswith(f":{kind}") for name in resolved):
+            option, modules_option = _OPTIONS[kind]
+            raise ValueError(
+                f"{option} is set but no module of this {type(model).__name__} holds all of {producers + consumers} "
+                f"as torch.nn.Linear layers: nothing would be elastic. Change {modules_option}."
+            )
+    return resolved
+
+
+def valid_head_counts(heads: int, kv_heads: int) -> tuple[int, ...]:
+    """The numbers of query heads an attention block of `heads` query heads over `kv_heads` key/value heads can keep,
+    largest first: whole key/value groups, i.e. multiples of `heads // kv_heads` (9 over 3: (9, 6, 3))."""
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not split over {kv_heads} key/value heads.")
+    return tuple(range(heads, 0, -(heads // kv_heads)))
+
+
+def sizes_at_most(fractions, full: int, multiple_of: int = 1) -> list[int]:
+    """For each of `fractions` (in (0, 1], 1.0 first, descending), the largest multiple of `multiple_of` at most
+    `fraction · full` (at least `multiple_of`; 1.0 keeps `full` whatever it is), duplicates dropped: an explicit
+    rounding down for fractions that do not land on sizes a model can take. Heads in groups of 3:
+    `sizes_at_most([1.0, 0.75, 0.5], 9, multiple_of=3)` is [9, 6, 3]; an MLP width in multiples of 64 (faster
+    kernels): `sizes_at_most([1.0, 0.7], 1536, multiple_of=64)` is [1536, 1024]."""
+    fractions = list(fractions)
+    if (
+        not fractions
+        or fractions[0] != 1.0
+        or not all(isinstance(f, float) and 0 < f <= 1 for f in fractions)
+        or any(a <= b for a, b in zip(fractions, fractions[1:], strict=False))
+    ):
+        raise ValueError(f"sizes_at_most takes fractions in (0, 1] starting at 1.0, largest first, got {fractions!r}.")
+    sizes = [full] + [
+        min(full, max(multiple_of, math.floor(f * full / multiple_of + _TOLERANCE) * multiple_of))
+        for f in fractions[1:]
+    ]
+    return sorted(set(sizes), reverse=True)
+
+
+def _specs(config: ElasticLoraConfig) -> list[tuple[str, list, list[str], list[str]]]:
+    """`(kind, choices, producers, consumers)` of each kind of elastic width `config` sets."""
+    specs = []
+    for kind, (option, modules_option) in _OPTIONS.items():
+        choices = getattr(config, option)
+        if choices is not None:
+            producers, consumers = getattr(config, modules_option)
+            specs.append((kind, choices, producers, consumers))
+    return specs
+
+
+def _children(model: nn.Module, keep) -> dict[str, dict[str, tuple[str, nn.Module]]]:
+    """`{parent module name: {leaf name: (module name, module)}}` of the modules of `model` that `keep` accepts."""
+    children: dict[str, dict[str, tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if keep(module):
+            parent, _, leaf = name.rpartition(".")
+            children.setdefault(parent, {})[leaf] = (name, module)
+    return children
+
+
+def _whole(x: float) -> int | None:
+    """`x` as an int when it is one (up to float rounding), else None."""
+    nearest = round(x)
+    return nearest if abs(x - nearest) <= _TOLERANCE * max(1.0, abs(x)) else None
+
+
+def _width_sizes(choices, full: int, parent: str) -> tuple[int, ...]:
+    """The channel counts of `width_choices` for an MLP of `full` channels: sizes, or fractions that land on whole
+    channels (anything else is refused, with the sizes to give instead)."""
     if isinstance(choices[0], float):
-        sizes = [max(multiple_of, round(c * full / multiple_of) * multiple_of) for c in choices]
+        exact = [c * full for c in choices]
+        broken = [(c, x) for c, x in zip(choices, exact, strict=True) if _whole(x) is None]
+        if broken:
+            given = ", ".join(f"{c} gives {x:.6g}" for c, x in broken)
+            number = "a whole number" if len(broken) == 1 else "whole numbers"
+            hint = f"width_choices={sizes_at_most(choices, full)}"
+            fast = sizes_at_most(choices, full, multiple_of=64)
+            if full > 64 and fast != sizes_at_most(choices, full):
+                hint += f" (or in multiples of 64, which kernels run faster: {fast})"
+            raise ValueError(
+                f"width_choices of {parent!r} ({full} channels): {given} channels, not {number}; fractions must land "
+                f"on whole sizes. Give sizes instead, e.g. {hint}."
+            )
+        sizes = [_whole(x) for x in exact]
     else:
         sizes = list(choices)
         if sizes[0] != full:
             raise ValueError(
-                f"The largest of {what}'s choices {list(choices)} must be its full size {full} (the maximal "
+                f"width_choices of {parent!r}: the largest of {sizes} must be its full size {full} (the maximal "
                 "subnetwork is the whole model)."
             )
-    bad = [s for s in sizes if s % multiple_of]
-    if bad:
+    return _distinct(sizes, choices, "width_choices", parent)
+
+
+def _head_counts(choices, heads: int, kv_heads: int, parent: str) -> tuple[int, ...]:
+    """The query head counts of `head_choices` for an attention block of `heads` query heads over `kv_heads`
+    key/value heads: counts, or fractions that land on them, in whole key/value groups (anything else is refused,
+    with the valid counts)."""
+    valid = valid_head_counts(heads, kv_heads)
+    per_kv = heads // kv_heads
+    shown = ", ".join(map(str, valid)) if len(valid) <= 12 else f"{valid[0]}, {valid[1]}, {valid[2]}, ..., {valid[-1]}"
+    groups = f" (whole key/value groups of {per_kv} query heads)" if per_kv > 1 else ""
+    valid_text = f"valid head counts for {heads} query heads over {kv_heads} key/value heads: {shown}{groups}"
+    fractions = isinstance(choices[0], float)
+    if not fractions and choices[0] != heads:
         raise ValueError(
-            f"{what}: head choices {bad} are not multiples of {multiple_of}, the query heads per key/value head "
-            "(grouped-query attention keeps whole groups)."
+            f"head_choices of {parent!r}: the largest of {list(choices)} must be its full size {heads} (the maximal "
+            f"subnetwork is the whole model); {valid_text}."
         )
+    counts = [c * heads for c in choices] if fractions else list(choices)
+    broken = [(c, x) for c, x in zip(choices, counts, strict=True) if _whole(x) is None or _whole(x) % per_kv]
+    if broken:
+        given = ", ".join(f"{c} gives {x:.6g} heads" if fractions else str(c) for c, x in broken)
+        verb = "is not a valid head count" if len(broken) == 1 else "are not valid head counts"
+        suggested = sizes_at_most([c / heads for c in counts], heads, multiple_of=per_kv)
+        raise ValueError(f"head_choices of {parent!r}: {given} {verb}; {valid_text}, e.g. head_choices={suggested}.")
+    return _distinct([_whole(x) for x in counts], choices, "head_choices", parent)
+
+
+def _distinct(sizes: list[int], choices, option: str, parent: str) -> tuple[int, ...]:
     if len(set(sizes)) != len(sizes):
         raise ValueError(
-            f"{what}: the choices {list(choices)} give duplicate sizes {sizes}; use fewer or coarser ones."
+            f"{option} of {parent!r}: the choices {list(choices)} give duplicate sizes {sizes}; use fewer or coarser "
+            "ones."
         )
     return tuple(sizes)
 
 
-def _mlp_group(parent, choices, layers, producers, consumers) -> WidthGroup:
+def _mlp_sizes(parent, choices, layers, producers, consumers) -> tuple[int, ...]:
+    """The width choices of the MLP `parent` (its producers' and consumers' shapes checked)."""
     full = {layers[p][1].out_features for p in producers}
     if len(full) != 1:
         raise ValueError(f"The producers {producers} of {parent!r} have different output sizes {sorted(full)}.")
@@ -179,16 +305,21 @@ def _mlp_group(parent, choices, layers, producers, consumers) -> WidthGroup:
     mismatched = [c for c in consumers if layers[c][1].in_features != size]
     if mismatched:
         raise ValueError(f"The consumers {mismatched} of {parent!r} do not take the producers' {size} outputs.")
+    return _width_sizes(choices, size, parent)
+
+
+def _mlp_group(parent, choices, layers, producers, consumers) -> WidthGroup:
     return WidthGroup(
         name=f"{parent}:width",
         kind="width",
-        choices=_resolve(choices, size, f"{parent!r} (width_choices)"),
+        choices=_mlp_sizes(parent, choices, layers, producers, consumers),
         producers=tuple((layers[p][0], layers[p][1], 1) for p in producers),
         consumers=tuple(layers[c] for c in consumers),
     )
 
 
-def _head_group(parent, choices, layers, producers, consumers, head_dim) -> WidthGroup:
+def _head_sizes(parent, choices, layers, producers, consumers, head_dim) -> tuple[int, ...]:
+    """The head choices of the attention block `parent` (its projections' shapes and `head_dim` checked)."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
         raise ValueError(
             f"head_choices needs the head size of {parent!r}, read from its `head_dim` attribute (transformers' "
@@ -201,22 +332,25 @@ def _head_group(parent, choices, layers, producers, consumers, head_dim) -> Widt
             f"{parent!r}: query/key/value sizes {query.out_features}/{key.out_features}/{value.out_features} do not "
             f"split into heads of {head_dim}."
         )
-    if heads % kv_heads:
+    if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"{parent!r}: {heads} query heads do not split over {kv_heads} key/value heads.")
-    per_kv = heads // kv_heads
-    sizes = _resolve(choices, heads, f"{parent!r} (head_choices)", multiple_of=per_kv)
     mismatched = [c for c in consumers if layers[c][1].in_features != query.out_features]
     if mismatched:
         raise ValueError(f"The consumers {mismatched} of {parent!r} do not take the {heads} heads' outputs.")
+    return _head_counts(choices, heads, kv_heads, parent)
+
+
+def _head_group(parent, choices, layers, producers, consumers, head_dim) -> WidthGroup:
+    sizes = _head_sizes(parent, choices, layers, producers, consumers, head_dim)
     # choices count query heads; key/value keep heads // per_kv of theirs
-    q_name, k_name, v_name = (layers[p][0] for p in producers)
+    (q_name, query), (k_name, key), (v_name, value) = (layers[p] for p in producers)
     return _HeadGroup(
         name=f"{parent}:heads",
         kind="heads",
         choices=sizes,
         producers=((q_name, query, head_dim), (k_name, key, head_dim), (v_name, value, head_dim)),
         consumers=tuple(layers[c] for c in consumers),
-        per_kv=per_kv,
+        per_kv=query.out_features // key.out_features,
     )
 
 
