@@ -37,7 +37,7 @@ MARKERS = ("<!-- demo_tables:start -->", "<!-- demo_tables:end -->")
 
 def section(results: dict, command: str) -> str:
     """The section of RESULTS.md for a demo run's `results` (its results.json)."""
-    settings, base = results["settings"], results["base"]
+    settings, base = results["settings"], results["base"]["pretraining"]
     b, f, s = settings["base"], settings["finetune"], settings["search"]
     quick = " (--quick: smoke-test budgets, the accuracies mean nothing)" if b["steps"] < 100 else ""
     if results.get("base_was_cached", True):
@@ -68,9 +68,9 @@ def section(results: dict, command: str) -> str:
 - Fine-tuning, every method: {f["steps"]} steps of {f["batch_size"]}, learning rate {f["learning_rate"]}, cosine,
   rank {f["r"]} (elastic: {f["r"]}/{3 * f["r"] // 4}/{f["r"] // 2}, heuristic subnetwork) on q/k/v/o/gate/up/down,
   TRL SFTTrainer (loss on the answers); random subnetwork sampling
-- Mode B super-network: {s["steps"]} steps, {s["strategy"]} sampling, widths [1.0, 0.75, 0.5], heads [1.0, 0.5];
-  NSGA-II search, {s["trials"]} trials on the validation split, cost MACs; latency: batch 8 x 64 tokens,
-  {s["latency_rounds"]} rounds side by side, medians
+- Mode B super-network: {s["steps"]} steps, {s["strategy"]} sampling, widths and heads [1.0, 0.75, 0.5] (heads
+  in whole key/value groups); NSGA-II search, {s["trials"]} trials on the validation split, cost MACs; latency:
+  batch 8 x 64 tokens, {s["latency_rounds"]} rounds side by side, medians
 
 ### Table 2 shape (SQFT / Shears; the papers: Mistral-7B-v0.3 on GSM8K)
 

@@ -113,27 +113,42 @@ def test_quick_demo_tables(quick_demo, capsys):
     assert code == 0
     results = json.loads((output / "results.json").read_text())
     table2 = {row["key"]: row for row in results["table2"]}
-    assert list(table2) == ["dense", "sparse", "lora", "shears", "sparse_peft", "sqft", "qa_sparse_peft"]
+    assert list(table2) == [
+        "dense",
+        "sparse",
+        "lora",
+        "lora_repruned",
+        "shears",
+        "sparse_peft",
+        "sqft",
+        "qa_sparse_peft",
+    ]
     assert table2["dense"]["sparsity"] == 0
-    for key in ("sparse", "lora", "shears", "sparse_peft"):
+    for key in ("sparse", "lora", "lora_repruned", "shears", "sparse_peft"):
         assert table2[key]["sparsity"] == 0.5, key  # Wanda at 50 % per output row: exactly half of every layer
+    assert table2["lora_repruned"]["merged_sparsity"] == 0.5  # LoRA merged, then pruned again
     assert table2["sparse_peft"]["merged_sparsity"] == 0.5  # SparsePEFT's merge keeps every zero
     assert table2["lora"]["merged_sparsity"] < 0.01 and table2["shears"]["merged_sparsity"] < 0.01  # dense updates
     assert table2["sqft"]["merged_sparsity"] is None  # an FP adapter on INT4 is not merged
     assert table2["sqft"]["sparsity"] >= 0.5 and table2["qa_sparse_peft"]["merged_sparsity"] >= 0.5
     assert [table2[k]["precision"] for k in ("sqft", "qa_sparse_peft")] == ["INT4 + FP32", "INT4"]
     for row in results["table2"] + results["table1"]:
-        assert 0 <= row["accuracy"] <= 1
+        assert 0 <= row["accuracy"] <= 1 and len(row["hits"]) == 24  # one per test problem (bootstrap intervals)
+        assert row["accuracy"] == sum(row["hits"]) / 24 and row["perplexity"] is None  # no real text for the toy
     table1 = results["table1"]
     assert table1[0]["method"] == "LoRA (merged)" and table1[0]["speedup"] == 1.0
-    assert table1[0]["params"] == results["base"]["parameters"]  # LoRA merges into a model of the base's size
+    assert (
+        table1[0]["params"] == results["base"]["pretraining"]["parameters"]
+    )  # LoRA merges into a model of the base's size
     heuristic = table1[1]
     assert heuristic["method"] == "LoNAS (heuristic subnetwork)"
     assert heuristic["params"] < table1[0]["params"] and heuristic["macs"] < table1[0]["macs"]
     assert all(row["latency_ms"] > 0 for row in table1)
     text = (output / "tables.md").read_text()
     assert "| SQFT + QA-SparsePEFT (merged) |" in text and "| LoNAS (heuristic subnetwork) |" in text
-    assert len(results["findings"]) >= 6
+    assert len(results["findings"]) >= 7
+    assert all(re.match(r"- \[(holds|differs|within noise)\] ", claim) for claim in results["findings"])
+    assert set(results["stages"]) >= {"setup", "table2 lora", "table2 qa_sparse_peft", "table1"}
     # the deliverables are on disk: the sparse and INT4 bases, the adapters, the merged models, the exports
     for name in ("sparse-base", "sparse-int4", "shears-nls-adapter", "sqft-sparsepeft-merged", "sqft-int4-nls-adapter",
                  "sqft-qa-int4-merged", "lonas-super-adapter", "lonas-subnetwork-0"):  # fmt: skip

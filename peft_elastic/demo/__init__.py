@@ -1,6 +1,7 @@
-"""The offline demo: the papers' two tables, in shape, on a model this package pre-trains itself.
+"""The offline demo: the papers' two tables, in shape, on a model this package pre-trains itself — or on a real
+pretrained model (`--model smollm2`, a hub id, a folder or a .gguf file).
 
-    peft-elastic demo [--quick] [--output DIR] [--cache-dir DIR]      (or: python -m peft_elastic.demo ...)
+    peft-elastic demo [--quick] [--model M] [--output DIR] [--cache-dir DIR]   (or: python -m peft_elastic.demo ...)
 
 1. A small Llama (about 0.85M parameters) is pre-trained on a synthetic corpus of arithmetic (`task.py`), once, and
    cached under the user's cache directory (`base.py`).
@@ -11,25 +12,35 @@
    validation split, exported as smaller models, with parameters, MACs and measured CPU speedup (`lonas.py`).
 
 Accuracy is the exact match of the number after "####" in greedy answers on the test split, which nothing is tuned
-or selected on. Nothing is downloaded. `--quick` runs the same pipelines with tiny budgets (a smoke test: its
-accuracies mean nothing).
+or selected on, with its 95 % bootstrap interval over the test problems; the findings say "within noise" where an
+interval straddles the papers' claim. Nothing is downloaded. `--quick` runs the same pipelines with tiny budgets (a
+smoke test: its accuracies mean nothing).
+
+With a real model (`REAL` budgets), step 1 is skipped, Wanda, GPTQ and the importance ordering are calibrated on
+real English text (the standard library's pydoc topics, `peft_elastic.text`), and every row also gets its
+perplexity on held-out pydoc text that nothing is calibrated or trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from pathlib import Path
 
+from transformers import AutoConfig, AutoTokenizer
+
+from ..models import resolve_model
+from ..text import pydoc_texts
 from .base import BaseSettings, default_cache_dir, is_cached, pretrained_base
-from .finetune import FinetuneSettings
+from .finetune import FinetuneSettings, Scoring
 from .lonas import SearchSettings, lonas_table
 from .sqft import sqft_table
 from .tables import findings, lonas_markdown, sqft_markdown
 from .task import splits
 
-__all__ = ["FULL", "QUICK", "DemoSettings", "default_cache_dir", "run"]
+__all__ = ["FULL", "QUICK", "REAL", "REAL_QUICK", "DemoSettings", "default_cache_dir", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,13 @@ class DemoSettings:
     n_test: int = 500
     finetune: FinetuneSettings = FinetuneSettings()
     search: SearchSettings = SearchSettings()
+    #: "task": Wanda, GPTQ and the importance ordering read training problems; "pydoc": real English text.
+    calibration: str = "task"
+    calibration_samples: int = 128
+    #: Held-out pydoc texts (of at most 256 tokens) of the perplexity column; 0: no perplexity (the demo's own base
+    #: has a tokenizer of arithmetic only).
+    perplexity_samples: int = 0
+    gptq_group_size: int = 32
 
 
 FULL = DemoSettings()
@@ -53,27 +71,75 @@ QUICK = DemoSettings(
     finetune=FinetuneSettings(steps=4, batch_size=8),
     search=SearchSettings(steps=4, trials=4, latency_rounds=2),
 )
+#: A real pretrained model (SmolLM2-135M-Instruct: 30 layers, hidden 576): budgets that fit about an hour on 2 CPU
+#: cores (every method the same fine-tuning budget; a GPU runs it in minutes). Groups of 64 divide 576 and 1536.
+REAL = DemoSettings(
+    n_train=640,
+    n_validation=48,
+    n_test=200,
+    finetune=FinetuneSettings(steps=40, batch_size=8, learning_rate=1e-3, r=8),
+    search=SearchSettings(steps=40, trials=8, latency_rounds=5),
+    calibration="pydoc",
+    calibration_samples=32,
+    perplexity_samples=24,
+    gptq_group_size=64,
+)
+REAL_QUICK = dataclasses.replace(
+    REAL,
+    n_train=32,
+    n_validation=4,
+    n_test=8,
+    finetune=FinetuneSettings(steps=2, batch_size=2, learning_rate=1e-3, r=8),
+    search=SearchSettings(steps=2, trials=3, latency_rounds=1),
+    calibration_samples=4,
+    perplexity_samples=2,
+)
 
 
-def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print) -> dict:
+def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print, model: str | None = None) -> dict:
     """Run the demo; print its progress and tables with `log`; write `tables.md` and `results.json` (and every
-    model and adapter it made) to `output_dir`. Returns the results (tables as lists of dicts, findings, seconds)."""
+    model and adapter it made) to `output_dir`. `model`: a real model to run the pipelines on (a hub id, a folder, a
+    .gguf file or "smollm2"; None: the demo's own pre-trained base). Returns the results (tables as lists of dicts,
+    findings, the seconds of each stage, the peak memory)."""
     start = time.perf_counter()
     data = splits(settings.n_train, settings.n_validation, settings.n_test, seed=settings.base.seed)
-    held_out = {p["prompt"] for split in ("validation", "test") for p in data[split]}
-    cached = is_cached(settings.base, cache_dir)
-    base_dir = pretrained_base(settings.base, held_out, cache_dir, log)
+    if model is None:
+        held_out = {p["prompt"] for split in ("validation", "test") for p in data[split]}
+        cached = is_cached(settings.base, cache_dir)
+        base_dir = pretrained_base(settings.base, held_out, cache_dir, log)
+        source = {"pretraining": json.loads((base_dir / "pretraining.json").read_text())}
+    else:
+        cached = None
+        base_dir = Path(resolve_model(model, cache_dir))
+        config = AutoConfig.from_pretrained(base_dir)
+        log(f"Base: {model} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size})")
+        source = {"model": model, "folder": str(base_dir)}
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token is None:  # batches are padded
+        tokenizer.pad_token = tokenizer.eos_token
+    scoring = Scoring(data, tokenizer, settings.perplexity_samples)
+    if settings.calibration == "pydoc":
+        calibration = pydoc_texts("calibration")[: settings.calibration_samples]
+    else:
+        calibration = [p["prompt"] + p["completion"] for p in data["train"][: settings.calibration_samples]]
+    stages = {"setup": round(time.perf_counter() - start, 1)}
+
     log(f"\nTable 2 pipelines (50% Wanda sparsity; {settings.finetune.steps} fine-tuning steps each):")
-    sqft = sqft_table(base_dir, data, settings.finetune, output_dir, log)
+    sqft = sqft_table(
+        base_dir, data, settings.finetune, scoring, calibration, output_dir, log, settings.gptq_group_size
+    )
+    stages |= {f"table2 {row.key}": row.seconds for row in sqft}
     log(f"\nTable 1 pipelines (Mode B on the dense base; super-network {settings.search.steps} steps):")
-    lonas = lonas_table(base_dir, data, settings.finetune, settings.search, output_dir, log)
+    clock = time.perf_counter()
+    lonas = lonas_table(base_dir, data, settings.finetune, settings.search, scoring, calibration, output_dir, log)
+    stages["table1"] = round(time.perf_counter() - clock, 1)
     claims = findings(sqft, lonas)
     seconds = time.perf_counter() - start
     text = "\n\n".join(
         [
             f"Table 2 shape (SQFT / Shears), test split of {settings.n_test} problems:\n\n{sqft_markdown(sqft)}",
             f"Table 1 shape (LoNAS, Mode B), test split of {settings.n_test} problems:\n\n{lonas_markdown(lonas)}",
-            "Against the papers' findings:\n\n" + "\n".join(claims),
+            "Against the papers' findings (95% bootstrap intervals over the test problems):\n\n" + "\n".join(claims),
         ]
     )
     log("\n" + text + f"\n\nDone in {seconds:.0f} s.")
@@ -82,9 +148,11 @@ def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print) ->
         "table1": [dataclasses.asdict(r) for r in lonas],
         "findings": claims,
         "seconds": round(seconds, 1),
+        "stages": stages,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "base_was_cached": cached,
         "settings": dataclasses.asdict(settings),
-        "base": json.loads((base_dir / "pretraining.json").read_text()),
+        "base": source,
     }
     (output_dir / "tables.md").write_text(text + "\n")
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from ..search.evaluators import ExactMatchEvaluator
+from ..search.evaluators import ExactMatchEvaluator, LossEvaluator, extract_answer
 from ..training import ElasticSFTTrainer, SubnetworkSamplingCallback
 
 
@@ -87,3 +87,42 @@ def finetune(
 def accuracy_of(rows: list[dict[str, str]], tokenizer) -> ExactMatchEvaluator:
     """Exact match of the number after "####" in a greedy answer of at most 32 tokens."""
     return ExactMatchEvaluator(rows, tokenizer, answer_column="completion", max_new_tokens=32, batch_size=64)
+
+
+@dataclasses.dataclass
+class Score:
+    """A model's test accuracy, its per-problem hits (for bootstrap intervals), and its perplexity on held-out real
+    text (None when the run does not measure it)."""
+
+    accuracy: float
+    hits: list[bool]
+    perplexity: float | None = None
+
+
+class Scoring:
+    """Scores models on the test split (`score`) and on the validation split (`validation`, the search's metric), and
+    with `perplexity_samples` > 0 their perplexity on held-out pydoc text (never used for calibration or training)."""
+
+    def __init__(self, data: dict, tokenizer, perplexity_samples: int = 0, perplexity_length: int = 256) -> None:
+        self.test = accuracy_of(data["test"], tokenizer)
+        self.validation = accuracy_of(data["validation"], tokenizer)
+        self.perplexity = None
+        if perplexity_samples:
+            from ..text import pydoc_texts
+
+            self.perplexity = LossEvaluator(
+                pydoc_texts("heldout"),
+                tokenizer,
+                max_length=perplexity_length,
+                num_samples=perplexity_samples,
+                batch_size=4,
+                perplexity=True,
+            )
+
+    def score(self, model) -> Score:
+        accuracy = self.test(model)
+        hits = [
+            extract_answer(text) == answer
+            for text, answer in zip(self.test.last_completions, self.test.answers, strict=True)
+        ]
+        return Score(accuracy, hits, None if self.perplexity is None else self.perplexity(model))

@@ -25,12 +25,14 @@ from .. import (
     reorder_by_importance,
 )
 from ..search import run_search
+from ..tuners.elastic_lora.space import resolve_width_choices, sizes_at_most
 from .base import load_base
-from .finetune import TARGETS, FinetuneSettings, accuracy_of, finetune, lora_config
+from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config
 
-#: MLP widths and attention heads a subnetwork may keep (fractions of the base's; heads in whole key/value groups).
-WIDTH_CHOICES = [1.0, 0.75, 0.5]
-HEAD_CHOICES = [1.0, 0.5]
+#: MLP widths and attention heads a subnetwork may keep, as fractions of the base's (rounded down to whole key/value
+#: groups of heads, e.g. [9, 6, 3] for SmolLM2's 9 query heads over 3 key/value heads; [4, 2] for the demo's 4 over 2).
+WIDTH_FRACTIONS = [1.0, 0.75, 0.5]
+HEAD_FRACTIONS = [1.0, 0.75, 0.5]
 #: Latency: batch x tokens of every timed forward pass, and rounds (each times every model once, in rotated order).
 LATENCY_INPUT = (8, 64)
 
@@ -46,6 +48,8 @@ class CostRow:
     macs: int
     latency_ms: float = float("nan")
     speedup: float = float("nan")
+    hits: list[bool] = dataclasses.field(default_factory=list, repr=False)  # per test problem
+    perplexity: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,39 +62,64 @@ class SearchSettings:
     latency_rounds: int = 10
 
 
+def mode_b_choices(config) -> dict[str, list[int]]:
+    """`width_choices` and `head_choices` for a base of this `config`: WIDTH_FRACTIONS and HEAD_FRACTIONS of its MLP
+    width and query heads, rounded down to whole channels and whole key/value groups."""
+    heads = config.num_attention_heads
+    per_kv = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    return {
+        "width_choices": sizes_at_most(WIDTH_FRACTIONS, config.intermediate_size),
+        "head_choices": sizes_at_most(HEAD_FRACTIONS, heads, multiple_of=per_kv),
+    }
+
+
 def lonas_table(
-    base_dir: Path, data: dict, settings: FinetuneSettings, search: SearchSettings, out: Path, log=print
+    base_dir: Path,
+    data: dict,
+    settings: FinetuneSettings,
+    search: SearchSettings,
+    scoring: Scoring,
+    calibration: list[str],
+    out: Path,
+    log=print,
 ) -> list[CostRow]:
-    """Run LoRA and LoNAS on the dense base; exported models go to `out`. Returns the rows in the table's order."""
+    """Run LoRA and LoNAS on the dense base; exported models go to `out`. `calibration`: the texts of the importance
+    ordering. Returns the rows in the table's order."""
     model, tokenizer = load_base(base_dir)
-    test, validation = accuracy_of(data["test"], tokenizer), accuracy_of(data["validation"], tokenizer)
     train = data["train"]
     seq_len = LATENCY_INPUT[1]
 
+    def row(method: str, model, validation_accuracy: float) -> CostRow:
+        score = scoring.score(model)
+        params, macs = count_parameters(model), count_macs(model, seq_len=seq_len)
+        result = CostRow(method, score.accuracy, validation_accuracy, params, macs, hits=score.hits)
+        result.perplexity = score.perplexity
+        perplexity = "" if score.perplexity is None else f", perplexity {score.perplexity:.2f}"
+        log(f"  {method}: {score.accuracy:.1%}{perplexity}")
+        return result
+
     lora = finetune(model, lora_config(settings), tokenizer, train, settings, log=log)
-    lora_scores = test(lora), validation(lora)
+    validation = scoring.validation(lora)
     merged = lora.merge_and_unload()
-    rows = [CostRow("LoRA (merged)", *lora_scores, count_parameters(merged), count_macs(merged, seq_len=seq_len))]
+    rows = [row("LoRA (merged)", merged, validation)]
     models = [merged]
-    log(f"  LoRA: {rows[0].accuracy:.1%}")
 
     base, _ = load_base(base_dir)
-    calibration = [p["prompt"] + p["completion"] for p in train[:128]]
-    reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128)
     config = ElasticLoraConfig(
         r=settings.r,
         lora_alpha=2 * settings.r,
         rank_choices=settings.rank_choices,
         target_modules=TARGETS,
-        width_choices=WIDTH_CHOICES,
-        head_choices=HEAD_CHOICES,
+        **mode_b_choices(base.config),
     )
+    resolve_width_choices(base, config)  # a choice the model cannot take fails here, before the reordering
+    reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128)
     budget = dataclasses.replace(settings, steps=search.steps)
     supernet = finetune(base, config, tokenizer, train, budget, search.strategy, log)
     supernet.save_pretrained(out / "lonas-super-adapter")
 
     # the search seeds the maximal, heuristic and minimal subnetworks: their validation accuracy and MACs come with it
-    result = run_search(supernet, validation, "nsga2", "macs", search.trials, seq_len=seq_len, progress=False)
+    result = run_search(supernet, scoring.validation, "nsga2", "macs", search.trials, seq_len=seq_len, progress=False)
     result.save(out / "lonas-search.json")
     heuristic = result.heuristic
     within = [t for t in result.complete() if t["cost"] <= heuristic["cost"]]
@@ -109,15 +138,12 @@ def lonas_table(
     for index, (method, subnetwork, val_accuracy) in enumerate(chosen):
         folder = export_compressed_model(supernet, out / f"lonas-subnetwork-{index}", subnetwork, tokenizer=tokenizer)
         small = load_compressed_model(folder, dtype=torch.float32).eval()
-        rows.append(
-            CostRow(method, test(small), val_accuracy, count_parameters(small), count_macs(small, seq_len=seq_len))
-        )
+        rows.append(row(method, small, val_accuracy))
         models.append(small)
-        log(f"  {method}: {rows[-1].accuracy:.1%}")
 
-    for row, latency in zip(rows, side_by_side_latency(models, search.latency_rounds), strict=True):
-        row.latency_ms = latency * 1000
-        row.speedup = rows[0].latency_ms / row.latency_ms if row is not rows[0] else 1.0
+    for cost_row, latency in zip(rows, side_by_side_latency(models, search.latency_rounds), strict=True):
+        cost_row.latency_ms = latency * 1000
+        cost_row.speedup = rows[0].latency_ms / cost_row.latency_ms if cost_row is not rows[0] else 1.0
     (out / "table1.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 

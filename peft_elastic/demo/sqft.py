@@ -1,10 +1,11 @@
 """The SQFT / Shears table (Table 2 of the papers, in shape): one 50 %-sparse base, fine-tuned by each method with the
-same budget, scored on the test split.
+same budget, scored on the test split (and, with a real model, by perplexity on held-out text).
 
 | method                 | base                       | adapter                         | deployed as               |
 | w/o tune (dense)       | the pre-trained base       | none                            | FP32                      |
 | w/o tune (sparse)      | 50 % Wanda                 | none                            | FP32                      |
 | LoRA                   | 50 % Wanda                 | stock PEFT LoRA                 | FP32 base + FP32 adapter  |
+| LoRA, re-pruned        | 50 % Wanda                 | LoRA merged, pruned again (50 %)| FP32, sparse              |
 | Shears                 | 50 % Wanda                 | NLS, heuristic subnetwork       | FP32 base + FP32 adapter  |
 | SQFT + SparsePEFT      | 50 % Wanda                 | SparsePEFT, heuristic, merged   | FP32, sparse              |
 | SQFT                   | 50 % Wanda, GPTQ INT4      | NLS, heuristic subnetwork       | INT4 base + FP32 adapter  |
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -27,27 +29,30 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 from .. import NLSConfig, SparsePEFTConfig, heuristic_subnetwork, measure_sparsity, quantize_gptq, set_subnetwork
 from ..sparsity import save_sparsified, sparsify
 from .base import load_base
-from .finetune import TARGETS, FinetuneSettings, accuracy_of, finetune, lora_config
+from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config
 
-#: GPTQ settings of the INT4 rows (groups of 32: the demo's layers are only 128-384 inputs wide).
-GPTQ = {"bits": 4, "group_size": 32}
+#: GPTQ bits of the INT4 rows; the group size is a setting (32 for the demo's layers of 128-384 inputs).
+BITS = 4
 
 
 @dataclasses.dataclass
 class Row:
     """One line of a table."""
 
-    key: str  # dense, sparse, lora, shears, sparse_peft, sqft, qa_sparse_peft
+    key: str  # dense, sparse, lora, lora_repruned, shears, sparse_peft, sqft, qa_sparse_peft
     method: str
     accuracy: float
     sparsity: float
     merged_sparsity: float | None  # None: not mergeable (an FP adapter on an INT4 base)
     precision: str
+    hits: list[bool] = dataclasses.field(default_factory=list, repr=False)  # per test problem
+    perplexity: float | None = None
+    seconds: float = 0.0  # the pipeline's wall time (fine-tuning, merging, quantizing and scoring)
 
 
 def load_gptq(path: Path):
     """A GPTQ checkpoint on CPU with the standard-layout torch kernel, computing in float32."""
-    config = GPTQConfig(bits=GPTQ["bits"], backend="gptq_torch")
+    config = GPTQConfig(bits=BITS, backend="gptq_torch")
     with warnings.catch_warnings():  # transformers warns that our backend overrides the checkpoint's: we mean it
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(
@@ -67,16 +72,31 @@ def heuristic(model):
     return model
 
 
-def sqft_table(base_dir: Path, data: dict, settings: FinetuneSettings, out: Path, log=print) -> list[Row]:
+def sqft_table(
+    base_dir: Path,
+    data: dict,
+    settings: FinetuneSettings,
+    scoring: Scoring,
+    calibration: list[str],
+    out: Path,
+    log=print,
+    group_size: int = 32,
+) -> list[Row]:
     """Run every pipeline of the table; artefacts go to `out` (the sparse base, its INT4 version, the adapters and
-    the merged models). Returns the rows in the table's order."""
+    the merged models). `calibration`: the texts of Wanda and GPTQ. Returns the rows in the table's order."""
     model, tokenizer = load_base(base_dir)
-    test = accuracy_of(data["test"], tokenizer)
     rows: list[Row] = []
+    clock = [time.perf_counter()]
 
-    def add(row: Row) -> None:
+    def add(key, method, model, sparsity, merged_sparsity, precision) -> Row:
+        score = scoring.score(model)
+        now = time.perf_counter()
+        row = Row(key, method, score.accuracy, sparsity, merged_sparsity, precision, score.hits, score.perplexity)
+        row.seconds, clock[0] = round(now - clock[0], 1), now
         rows.append(row)
-        log(f"  {row.method}: {row.accuracy:.1%}")
+        perplexity = "" if row.perplexity is None else f", perplexity {row.perplexity:.2f}"
+        log(f"  {row.method}: {row.accuracy:.1%}{perplexity} ({row.seconds:.0f} s)")
+        return row
 
     def tune(base, config, strategy="random"):
         """Fine-tune on the training split; elastic adapters come back at their heuristic subnetwork."""
@@ -86,43 +106,51 @@ def sqft_table(base_dir: Path, data: dict, settings: FinetuneSettings, out: Path
     def sparse_base():
         return load_base(out / "sparse-base")[0]
 
-    add(Row("dense", "w/o tune (dense)", test(model), measure_sparsity(model).sparsity, None, "FP32"))
-    calibration = [p["prompt"] + p["completion"] for p in data["train"][:128]]
-    report = sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
+    def prune(model):
+        return sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
+
+    add("dense", "w/o tune (dense)", model, measure_sparsity(model).sparsity, None, "FP32")
+    report = prune(model)
     save_sparsified(model, out / "sparse-base", report, tokenizer)
-    add(Row("sparse", "w/o tune (50% Wanda)", test(model), report.sparsity, None, "FP32"))
+    add("sparse", "w/o tune (50% Wanda)", model, report.sparsity, None, "FP32")
 
     lora = tune(sparse_base(), lora_config(settings), strategy=None)
-    add(_unmerged("lora", "LoRA", test(lora), lora, report.sparsity, "FP32 + FP32"))
+    merged = _deployed_unmerged(add, "lora", "LoRA", lora, report.sparsity, "FP32 + FP32")
+    repruned = prune(merged)  # the baseline SparsePEFT must beat: merge LoRA, then prune again
+    add("lora_repruned", "LoRA merged, re-pruned to 50%", merged, repruned.sparsity, repruned.sparsity, "FP32")
 
     shears = tune(sparse_base(), elastic(NLSConfig, settings))
     shears.save_pretrained(out / "shears-nls-adapter")
-    add(_unmerged("shears", "Shears (NLS, heuristic)", test(shears), shears, report.sparsity, "FP32 + FP32"))
+    _deployed_unmerged(add, "shears", "Shears (NLS, heuristic)", shears, report.sparsity, "FP32 + FP32")
 
     merged = tune(sparse_base(), elastic(SparsePEFTConfig, settings)).merge_and_unload()
     save_sparsified(merged, out / "sqft-sparsepeft-merged", tokenizer=tokenizer)
     sparsity = measure_sparsity(merged).sparsity
-    add(Row("sparse_peft", "SQFT + SparsePEFT (merged)", test(merged), sparsity, sparsity, "FP32"))
+    add("sparse_peft", "SQFT + SparsePEFT (merged)", merged, sparsity, sparsity, "FP32")
 
-    quantized = quantize_gptq(out / "sparse-base", out / "sparse-int4", calibration, tokenizer=tokenizer, **GPTQ)
+    options = {"bits": BITS, "group_size": group_size, "tokenizer": tokenizer, "max_length": 128}
+    quantized = quantize_gptq(out / "sparse-base", out / "sparse-int4", calibration, **options)
     log(f"  {quantized}")
     int4 = load_gptq(out / "sparse-int4")
     int4_sparsity = measure_sparsity(int4).sparsity
     sqft = tune(int4, elastic(NLSConfig, settings))
     sqft.save_pretrained(out / "sqft-int4-nls-adapter")
-    add(Row("sqft", "SQFT (INT4 + FP adapter)", test(sqft), int4_sparsity, None, "INT4 + FP32"))
+    add("sqft", "SQFT (INT4 + FP adapter)", sqft, int4_sparsity, None, "INT4 + FP32")
 
     qa = tune(load_gptq(out / "sparse-int4"), elastic(SparsePEFTConfig, settings, quantization_aware=True))
     qa.merge_and_unload().save_pretrained(out / "sqft-qa-int4-merged")
     tokenizer.save_pretrained(out / "sqft-qa-int4-merged")
     merged = load_gptq(out / "sqft-qa-int4-merged")  # scored as reloaded: the checkpoint is the deliverable
     sparsity = measure_sparsity(merged).sparsity
-    add(Row("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", test(merged), sparsity, sparsity, "INT4"))
+    add("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", merged, sparsity, sparsity, "INT4")
     (out / "table2.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 
 
-def _unmerged(key: str, method: str, accuracy: float, model, sparsity: float, precision: str) -> Row:
-    """A row for a dense adapter on the frozen sparse base (of `sparsity`): deployed unmerged, since merging fills the
-    zeros (measured: the model is merged here, after scoring)."""
-    return Row(key, method, accuracy, sparsity, measure_sparsity(model.merge_and_unload()).sparsity, precision)
+def _deployed_unmerged(add, key: str, method: str, model, sparsity: float, precision: str):
+    """Score a dense adapter on the frozen sparse base (of `sparsity`), deployed unmerged since merging fills the
+    zeros; the row's "after merge" is measured on the merged model, which is returned."""
+    row = add(key, method, model, sparsity, None, precision)
+    merged = model.merge_and_unload()
+    row.merged_sparsity = measure_sparsity(merged).sparsity
+    return merged

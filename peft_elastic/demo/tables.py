@@ -1,7 +1,13 @@
-"""The demo's two tables as Markdown, and the comparisons with the papers' findings that they support."""
+"""The demo's two tables as Markdown, and the comparisons with the papers' findings that they support.
+
+Every accuracy comes with its 95 % bootstrap interval over the test problems (`stats.py`), and every claim about
+accuracies is judged on the interval of the compared quantity: "holds" or "differs" only when the whole interval is
+on one side, "within noise" otherwise. Sparsity and parameter counts are exact.
+"""
 
 from __future__ import annotations
 
+from . import stats
 from .lonas import CostRow
 from .sqft import Row
 
@@ -10,33 +16,52 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _with_interval(accuracy: float, hits: list[bool], indices) -> str:
+    if not hits:
+        return f"{accuracy:.1%}"
+    low, high = stats.accuracy_interval(hits, indices)
+    return f"{accuracy:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def _perplexity(value: float | None) -> str:
+    return "" if value is None else f" {value:.2f} |"
+
+
 def sqft_markdown(rows: list[Row]) -> str:
-    lora = next(r.accuracy for r in rows if r.key == "lora")
+    lora = next(r for r in rows if r.key == "lora")
+    indices = _indices(rows)
+    perplexity = any(r.perplexity is not None for r in rows)
     lines = [
-        "| method | accuracy | vs LoRA | sparsity | sparsity after merge | precision |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
+        "| method | accuracy [95% interval] | vs LoRA |" + (" perplexity |" if perplexity else "")
+        + " sparsity | sparsity after merge | precision |",
+        "|---|---:|---:|" + ("---:|" if perplexity else "") + "---:|---:|---|",
+    ]  # fmt: skip
     for row in rows:
-        relative = "-" if row.key in ("dense", "sparse") else _relative(row.accuracy, lora)
+        relative = "-" if row.key in ("dense", "sparse") else _relative(row.accuracy, lora.accuracy)
         lines.append(
-            f"| {row.method} | {row.accuracy:.1%} | {relative} | {row.sparsity:.1%} | {_percent(row.merged_sparsity)} "
-            f"| {row.precision} |"
+            f"| {row.method} | {_with_interval(row.accuracy, row.hits, indices)} | {relative} |"
+            f"{_perplexity(row.perplexity) if perplexity else ''} {row.sparsity:.1%} | "
+            f"{_percent(row.merged_sparsity)} | {row.precision} |"
         )
     return "\n".join(lines)
 
 
 def lonas_markdown(rows: list[CostRow]) -> str:
     lora = rows[0]
+    indices = _indices(rows)
+    perplexity = any(r.perplexity is not None for r in rows)
     lines = [
-        "| method | accuracy | vs LoRA | validation accuracy | parameters | MACs (64 tokens) | latency (ms) "
-        "| speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "| method | accuracy [95% interval] | vs LoRA | validation accuracy |"
+        + (" perplexity |" if perplexity else "")
+        + " parameters | MACs (64 tokens) | latency (ms) | speedup |",
+        "|---|---:|---:|---:|" + ("---:|" if perplexity else "") + "---:|---:|---:|---:|",
+    ]  # fmt: skip
     for row in rows:
         lines.append(
-            f"| {row.method} | {row.accuracy:.1%} | {_relative(row.accuracy, lora.accuracy)} | "
-            f"{row.validation_accuracy:.1%} | {row.params:,} | {row.macs / 1e6:.1f}M | {row.latency_ms:.2f} | "
-            f"{row.speedup:.2f}x |"
+            f"| {row.method} | {_with_interval(row.accuracy, row.hits, indices)} | "
+            f"{_relative(row.accuracy, lora.accuracy)} | {row.validation_accuracy:.1%} |"
+            f"{_perplexity(row.perplexity) if perplexity else ''} {row.params:,} | {row.macs / 1e6:.1f}M | "
+            f"{row.latency_ms:.2f} | {row.speedup:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -45,63 +70,100 @@ def _relative(accuracy: float, reference: float) -> str:
     return f"{accuracy / reference:.1%}" if reference > 0 else "n/a"
 
 
+def _indices(rows):
+    """One set of bootstrap resamples for every row of a table (all rows are scored on the same problems)."""
+    sizes = {len(r.hits) for r in rows if r.hits}
+    return stats.resample_indices(sizes.pop()) if len(sizes) == 1 else None
+
+
 #: Accuracy relative to LoRA in the papers' Table 2 (Mistral-7B-v0.3, GSM8K).
 PAPER_RELATIVE = {"shears": 1.023, "sparse_peft": 1.136, "sqft": 1.009, "qa_sparse_peft": 0.998}
+#: How far below the papers' ratio still counts as agreeing with it.
+MARGIN = 0.05
 
 
 def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
-    """The papers' claims, each checked against these tables: one line per claim, saying whether it holds here."""
+    """The papers' claims, each checked against these tables: one line per claim, saying whether it holds here,
+    differs, or is within noise (the 95 % bootstrap interval of the compared quantity straddles the threshold)."""
+    indices = _indices(sqft)
     by = {row.key: row for row in sqft}
     dense, sparse, lora = by["dense"], by["sparse"], by["lora"]
     sparse_peft, qa = by["sparse_peft"], by["qa_sparse_peft"]
-    tuned = [row for row in sqft if row.key not in ("dense", "sparse")]
+    tuned = [row for row in sqft if row.key not in ("dense", "sparse", "lora_repruned")]
     worst = min(tuned, key=lambda r: r.accuracy)
+
+    def gap(a, b) -> tuple[float, float]:
+        """Interval of accuracy(a) - accuracy(b) (paired)."""
+        return stats.difference_interval(a.hits, b.hits, indices)
+
     lines = [
-        _claim(
-            sparse.accuracy <= dense.accuracy,
+        _judged(
+            gap(dense, sparse),
+            0.0,
             f"50% Wanda sparsity costs accuracy without tuning ({dense.accuracy:.1%} -> {sparse.accuracy:.1%}).",
         ),
-        _claim(
-            worst.accuracy > sparse.accuracy,
+        _judged(
+            gap(worst, sparse),
+            1e-9,
             f"Every fine-tuning method recovers the sparse model (lowest: {worst.method}, {worst.accuracy:.1%}, vs "
             f"{sparse.accuracy:.1%} untuned).",
         ),
-        _claim(
+        _exact(
             abs(sparse_peft.merged_sparsity - sparse.sparsity) < 1e-9 and lora.merged_sparsity < sparse.sparsity,
             f"SparsePEFT merges without losing sparsity ({sparse_peft.merged_sparsity:.1%}); merging LoRA leaves "
             f"{lora.merged_sparsity:.1%}.",
         ),
-        _claim(
+        _exact(
             qa.merged_sparsity >= sparse.sparsity,
             f"QA-SparsePEFT merges into INT4 and keeps every zero ({qa.merged_sparsity:.1%} zero weights; INT4 "
             "rounding can add zeros, never remove the mask's).",
         ),
     ]
-    for row in tuned[1:]:  # accuracy relative to LoRA: within 5 points of the papers' ratio counts as agreeing
+    repruned = by.get("lora_repruned")
+    if repruned is not None:
+        lines.append(
+            _judged(
+                gap(sparse_peft, repruned),
+                0.0,
+                f"SparsePEFT beats LoRA merged and pruned again to the same sparsity ({sparse_peft.accuracy:.1%} vs "
+                f"{repruned.accuracy:.1%}).",
+            )
+        )
+    for row in tuned[1:]:  # accuracy relative to LoRA, against the papers' ratio less MARGIN
         paper = PAPER_RELATIVE[row.key]
         ratio = row.accuracy / lora.accuracy if lora.accuracy else 0.0
         lines.append(
-            _claim(
-                ratio >= paper - 0.05,
-                f"{row.method} reaches {ratio:.1%} of LoRA's accuracy (the papers: {paper:.1%}).",
+            _judged(
+                stats.ratio_interval(row.hits, lora.hits, indices),
+                paper - MARGIN,
+                f"{row.method} reaches {ratio:.1%} of LoRA's accuracy (the papers: {paper:.1%}; agreeing means at "
+                f"least {paper - MARGIN:.1%}).",
             )
         )
+    lonas_indices = _indices(lonas)
     lora_b, heuristic = lonas[0], next(r for r in lonas if "heuristic" in r.method)
     relative = heuristic.accuracy / lora_b.accuracy if lora_b.accuracy else 0.0
     lines.append(
-        _claim(
-            heuristic.params < lora_b.params and heuristic.speedup > 1.0 and relative >= 0.991 - 0.05,
+        _exact(
+            heuristic.params < lora_b.params and heuristic.speedup > 1.0,
             f"LoNAS's heuristic subnetwork is smaller ({heuristic.params:,} vs {lora_b.params:,} parameters) and "
-            f"faster ({heuristic.speedup:.2f}x) than the merged LoRA model, at {relative:.1%} of its accuracy (the "
-            "paper: 83% of the parameters, 1.23x, 99.1%).",
+            f"faster ({heuristic.speedup:.2f}x) than the merged LoRA model (the paper: 83% of the parameters, 1.23x).",
+        )
+    )
+    lines.append(
+        _judged(
+            stats.ratio_interval(heuristic.hits, lora_b.hits, lonas_indices),
+            0.991 - MARGIN,
+            f"LoNAS's heuristic subnetwork keeps {relative:.1%} of LoRA's accuracy (the paper: 99.1%).",
         )
     )
     rivals = [r for r in lonas if "search" in r.method and r.params <= heuristic.params]
     if rivals:  # the paper's search subnetwork 1: as small as the heuristic one, more accurate
         best = max(rivals, key=lambda r: r.validation_accuracy)
         lines.append(
-            _claim(
-                best.accuracy >= heuristic.accuracy,
+            _judged(
+                stats.difference_interval(best.hits, heuristic.hits, lonas_indices),
+                0.0,
                 f"Search finds a subnetwork no larger than the heuristic one that is at least as accurate on the test "
                 f"split ({best.method}: {best.accuracy:.1%}, {best.params:,} parameters, vs {heuristic.accuracy:.1%}; "
                 f"validation {best.validation_accuracy:.1%} vs {heuristic.validation_accuracy:.1%}).",
@@ -110,5 +172,12 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     return lines
 
 
-def _claim(holds: bool, text: str) -> str:
+def _judged(bounds: tuple[float, float], threshold: float, text: str) -> str:
+    """A claim "quantity >= threshold" judged on the quantity's interval `bounds`."""
+    low, high = bounds
+    return f"- [{stats.verdict(low, high, threshold)}] {text} (95% interval [{low:.3g}, {high:.3g}])"
+
+
+def _exact(holds: bool, text: str) -> str:
+    """A claim about exact quantities (sparsity, parameters, a measured median speedup)."""
     return f"- [{'holds' if holds else 'differs'}] {text}"

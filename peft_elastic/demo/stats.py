@@ -1,0 +1,70 @@
+"""How sure a table's numbers are: bootstrap intervals over the test problems, and verdicts that say "within noise"
+when a gap is smaller than its spread.
+
+Every accuracy is a mean of per-problem hits (1 if the greedy answer is right). Resampling the problems with
+replacement (the same resampled problems for every row, so that rows are compared on the same draws) gives the
+spread of each accuracy and of each ratio of two accuracies. A claim "A / B ≥ t" holds when the whole interval of
+A / B is at least `t`, differs when the whole interval is below it, and is within noise otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Bootstrap resamples and the interval's coverage.
+RESAMPLES = 2000
+LEVEL = 0.95
+
+
+def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> torch.Tensor:
+    """(resamples × n) indices drawn with replacement from `range(n)`; fixed by `seed`."""
+    if n < 1:
+        raise ValueError(f"Bootstrap needs at least one problem, got {n}.")
+    return torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
+    """The central `level` interval of the bootstrap `values`."""
+    low, high = torch.quantile(values.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double))
+    return float(low), float(high)
+
+
+def accuracy_interval(hits: list[bool], indices: torch.Tensor | None = None) -> tuple[float, float]:
+    """The bootstrap interval of the accuracy `mean(hits)`."""
+    scores = torch.tensor(hits, dtype=torch.double)
+    indices = resample_indices(len(hits)) if indices is None else indices
+    return interval(scores[indices].mean(dim=1))
+
+
+def ratio_interval(
+    hits: list[bool], reference: list[bool], indices: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """The paired bootstrap interval of `mean(hits) / mean(reference)` (the same problems resampled for both; a
+    resample where the reference scores 0 counts as ratio 0)."""
+    if len(hits) != len(reference):
+        raise ValueError(f"Paired rows need the same problems: {len(hits)} vs {len(reference)}.")
+    a, b = torch.tensor(hits, dtype=torch.double), torch.tensor(reference, dtype=torch.double)
+    indices = resample_indices(len(hits)) if indices is None else indices
+    top, bottom = a[indices].mean(dim=1), b[indices].mean(dim=1)
+    return interval(torch.where(bottom > 0, top / bottom.clamp_min(1e-12), torch.zeros_like(top)))
+
+
+def difference_interval(
+    hits: list[bool], reference: list[bool], indices: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """The paired bootstrap interval of `mean(hits) - mean(reference)`."""
+    if len(hits) != len(reference):
+        raise ValueError(f"Paired rows need the same problems: {len(hits)} vs {len(reference)}.")
+    a, b = torch.tensor(hits, dtype=torch.double), torch.tensor(reference, dtype=torch.double)
+    indices = resample_indices(len(hits)) if indices is None else indices
+    return interval(a[indices].mean(dim=1) - b[indices].mean(dim=1))
+
+
+def verdict(low: float, high: float, threshold: float) -> str:
+    """ "holds" if the whole interval is at or above `threshold`, "differs" if it is all below, else "within
+    noise"."""
+    if low >= threshold:
+        return "holds"
+    if high < threshold:
+        return "differs"
+    return "within noise"
