@@ -40,16 +40,25 @@ class CommandError(Exception):
 # ------------------------------------------------------------------------------------------ inputs and outputs
 
 
-def load_model(name_or_path: str):
+def load_model(name_or_path: str, dtype="auto", verbose: bool = False):
     """A causal LM and its tokenizer from a hub id, a local folder, a `.gguf` file or `smollm2`
-    (`peft_elastic.resolve_model`), in the dtype its checkpoint was saved in (`dtype="auto"`: a bfloat16 checkpoint
-    stays bfloat16)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (`peft_elastic.resolve_model`), in `dtype` (default "auto": the dtype its checkpoint was saved in; `train` asks
+    for float32, or bfloat16 with --bf16, whatever the checkpoint says). For a GPTQ checkpoint, gptqmodel is imported
+    with the environment variables it sets restored, and its banner and logs are hidden for the rest of the command
+    unless `verbose`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .quantization.gptqmodel_env import import_gptqmodel, quiet_gptqmodel_logs
 
     path = resolved(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)  # a dict, as stored
+        if isinstance(quantization, dict) and quantization.get("quant_method") == "gptq":
+            import_gptqmodel(verbose)
+            if not verbose:
+                quiet_gptqmodel_logs()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as error:
         raise _unloadable(name_or_path, error) from None
     return model, tokenizer
@@ -221,10 +230,12 @@ def quantize_command(args: argparse.Namespace) -> None:
             max_length=args.max_length,
             num_samples=args.num_samples,
             damp_percent=args.damp_percent,
+            verbose=args.verbose,
         )
     print(
         f"{args.output}: GPTQ INT{report.bits} (group {report.group_size}, {report.checkpoint_format}) of "
-        f"{len(report.modules)} linear layers, sparsity kept {report.sparsity:.4f} (quantization_report.json)"
+        f"{len(report.modules)} linear layers, sparsity kept {report.sparsity:.4f}, calibrated in {report.dtype} "
+        "(quantization_report.json)"
     )
 
 
@@ -404,6 +415,7 @@ def adapter_config(args: argparse.Namespace):
 
 
 def train_command(args: argparse.Namespace) -> None:
+    import torch
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -417,7 +429,10 @@ def train_command(args: argparse.Namespace) -> None:
         columns = [(args.text_column, "--text-column"), (args.completion_column, "--completion-column")]
         data = load_columns(args.dataset, columns, args.split)
         rows = [{"prompt": str(row[args.text_column]), "completion": str(row[args.completion_column])} for row in data]
-    model, tokenizer = load_model(args.model)
+    # float32 unless --bf16, whatever the checkpoint's config says (an INT4 checkpoint may say bfloat16, which CPUs
+    # without bfloat16 units run several times slower)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tokenizer = load_model(args.model, dtype=dtype, verbose=args.verbose)
     with output_folder(args.output, args.overwrite) as folder, tempfile.TemporaryDirectory() as scratch:
         trainer = ElasticSFTTrainer(
             model=model,
@@ -430,6 +445,7 @@ def train_command(args: argparse.Namespace) -> None:
                 max_length=args.max_length,
                 seed=args.seed,
                 bf16=args.bf16,
+                use_cpu=args.bf16 and not torch.cuda.is_available(),  # transformers refuses bf16 on CPU otherwise
                 report_to=[],
                 save_strategy="no",
                 logging_steps=max(1, args.max_steps // 10),
@@ -450,18 +466,22 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    from .demo import FULL, QUICK, default_cache_dir, run
+    from .demo import FULL, QUICK, REAL, REAL_QUICK, default_cache_dir, run
 
-    settings = QUICK if args.quick else FULL
+    if args.model is None:
+        settings = QUICK if args.quick else FULL
+    else:
+        resolved(args.model)  # a missing package or file: one line before any work
+        settings = REAL_QUICK if args.quick else REAL
     cache_dir = args.cache_dir or default_cache_dir()
     with warnings.catch_warnings():  # deprecation notices of the libraries, not the user's to act on
         warnings.simplefilter("ignore", FutureWarning)
         if args.output is None:
             folder = Path(tempfile.mkdtemp(prefix="peft_elastic_demo_"))
-            run(settings, folder, cache_dir)
+            run(settings, folder, cache_dir, model=args.model)
         else:
             with output_folder(args.output, args.overwrite) as staging:
-                run(settings, staging, cache_dir)
+                run(settings, staging, cache_dir, model=args.model)
             folder = Path(args.output)
     print(f"Models, adapters and the tables (tables.md, results.json) are in {folder}")
 
@@ -585,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--sym", action="store_true", help="symmetric quantization (default: asymmetric)")
     quantize.add_argument("--desc-act", action="store_true", help="act-order (permutes g_idx)")
     quantize.add_argument("--damp-percent", type=float, default=0.05, help="GPTQ dampening (default 0.05)")
+    quantize.add_argument("--verbose", action="store_true", help="show gptqmodel's banner, logs and progress bars")
     _add_dataset(quantize, "calibration texts (required)")
     quantize.set_defaults(run=quantize_command)
 
@@ -662,7 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive, default=8, help="per device (default 8)")
     train.add_argument("--gradient-accumulation-steps", type=_positive, default=1, help="default: 1")
     train.add_argument("--seed", type=int, default=0, help="default: 0")
-    train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    train.add_argument(
+        "--bf16", action="store_true", help="load the model in bfloat16 and train with bfloat16 mixed precision "
+        "(default: float32, whatever dtype the checkpoint was saved in)",
+    )  # fmt: skip
+    train.add_argument("--verbose", action="store_true", help="GPTQ models: show gptqmodel's banner and logs")
     train.set_defaults(run=train_command)
 
     evaluate = commands.add_parser(
@@ -696,6 +721,11 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU speedup). About 10 minutes on 2 CPU cores (7.5 once the base is cached); nothing is downloaded.",
     )
     demo.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run (its accuracies mean nothing)")
+    demo.add_argument(
+        "--model",
+        help="run the pipelines on this pretrained model instead (a hub id, a folder, a .gguf file or 'smollm2'; "
+        "real-text calibration and perplexity; about an hour on 2 CPU cores for SmolLM2-135M)",
+    )
     demo.add_argument("--output", help="keep the models, adapters and tables here (default: a new temporary folder)")
     demo.add_argument("--overwrite", action="store_true", help="replace --output if it exists (once the run succeeds)")
     demo.add_argument("--cache-dir", type=Path, help="where the pre-trained base is cached (default: "

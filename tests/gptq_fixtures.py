@@ -20,10 +20,15 @@ GROUP_SIZE = 32
 
 def sparse_model(hidden: int = 128):
     """The float model that `quantized` quantizes: a tiny Llama (hidden 128, or `hidden` with twice as wide an MLP),
-    50 % magnitude-pruned per row. With hidden 256, a few groups of 32 hold weights of one sign only: their
-    asymmetric zero-point is 0."""
+    50 % magnitude-pruned per row. With hidden 256, the first group of 32 inputs of layer 0's `q_proj` holds
+    nonnegative weights only (GPTQ sets a group's grid before any error feedback reaches it): its asymmetric
+    zero-point is 0 in every row, whatever dtype gptqmodel calibrates in."""
     model = tiny_llama(**WIDE) if hidden == 128 else tiny_llama(hidden_size=hidden, intermediate_size=2 * hidden)
     peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
+    if hidden != 128:
+        with torch.no_grad():
+            group = model.model.layers[0].self_attn.q_proj.weight[:, :GROUP_SIZE]
+            group.copy_(group.abs())
     return model
 
 

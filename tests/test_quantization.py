@@ -67,17 +67,19 @@ def test_packing_errors():
 
 @pytest.mark.parametrize("bits, desc_act", [(2, False), (4, False), (4, True), (8, True)])
 def test_dequantize_matches_gptqmodel_in_memory_and_on_disk(quantized, bits, desc_act):
-    path, _ = quantized(bits, desc_act)
+    path, report = quantized(bits, desc_act)
+    on_disk = 2 if report.checkpoint_format == "gptq_v2" else 1  # v2 where a zero-point is 0 (data-dependent)
     model = load_gptq(path)
     tensors = checkpoint_tensors(path)
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "qweight")}
     assert len(layers) == 14
     for name, layer in layers.items():
-        assert layer.qzero_format() == 2  # the torch kernel converts the v1 checkpoint to v2 in memory
+        # the torch kernel converts a v1 checkpoint to v2 in memory (its flag then says 2; after a v2 one it stays 1)
+        assert layer.qzero_format() == (2 if on_disk == 1 else 1)
         ours = dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, 2)
         assert torch.equal(ours, layer.dequantize_weight().T), name
         saved = [tensors[f"{name}.{part}"] for part in ("qweight", "qzeros", "scales", "g_idx")]
-        assert torch.equal(dequantize(*saved, bits, 1), ours), name  # the file is v1: it stores z - 1
+        assert torch.equal(dequantize(*saved, bits, on_disk), ours), name  # v1 stores z - 1, v2 z
         assert torch.equal(layer.g_idx, saved[3])
         if desc_act:
             assert not torch.equal(layer.g_idx, torch.arange(layer.g_idx.numel(), dtype=torch.int32) // 32)

@@ -6,6 +6,11 @@ quantized — pruned weights included, which come back nonzero (in a 50 %-sparse
 quantize, then sets the code of every pruned weight to its group's zero-point `z`, so that it dequantizes to exactly 0
 (`s · (z − z)`), and stores the mask bit-packed next to the checkpoint (`sparsity_mask.safetensors`). The
 checkpoint is a standard GPTQ one that `AutoModelForCausalLM.from_pretrained` loads.
+
+Nothing else of the model changes: gptqmodel calibrates in the input's dtype (left to itself it calibrates a float32
+model in bfloat16 on CPU and stores the embeddings, norms and `lm_head` so), and the input's generation config is
+written as it was (gptqmodel's rewrites `do_sample` to true). gptqmodel's output and the environment variables it sets
+stay out of the caller's process (`gptqmodel_env`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +30,7 @@ from torch import nn
 
 from ..io import staged_directory
 from ..sparsity.calibration import calibration_batches
+from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, restored_environment
 from .mask import MASK_FILE, save_sparsity_mask
 from .packing import SUPPORTED_BITS, check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
@@ -39,6 +46,7 @@ class QuantizationReport:
     desc_act: bool
     modules: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     checkpoint_format: str = "gptq"  # "gptq" (v1) unless a zero-point is 0, which only "gptq_v2" can store
+    dtype: str = "float32"  # the input's dtype: gptqmodel calibrated in it, the non-quantized tensors are stored in it
 
     @property
     def sparsity(self) -> float:
@@ -58,7 +66,8 @@ class QuantizationReport:
         return (
             f"GPTQ {self.bits}-bit, group size {self.group_size}, sym={self.sym}, desc_act={self.desc_act}: "
             f"{len(self.modules)} layers, sparsity {self.sparsity:.2%}, {self.restored:,} pruned weights that GPTQ "
-            f"had filled set back to zero; checkpoint format {self.checkpoint_format!r}"
+            f"had filled set back to zero; checkpoint format {self.checkpoint_format!r}; calibrated in {self.dtype}, "
+            "the non-quantized tensors stored in it"
         )
 
 
@@ -69,8 +78,13 @@ GPTQMODEL_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 #: The group sizes of torch's CPU int4 matmul (`_weight_int4pack_mm_cpu`), behind the 4-bit kernels that transformers
 #: and gptqmodel pick on CPU by default (`TorchAtenLinear`, and `TorchFusedLinear` for -1, whose group is a whole row).
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: The dtypes gptqmodel calibrates in; `quantize_gptq` calibrates in the input's.
+CALIBRATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Files of the input checkpoint that `quantize_gptq` writes unchanged (gptqmodel rewrites them).
+CARRIED_FILES = ("generation_config.json",)
 
 
+@restored_environment((*GPTQMODEL_ENV, "GPTQMODEL_CPU_WORKERS"))  # as they were before the call
 def quantize_gptq(
     model_or_path,
     save_directory: str | os.PathLike,
@@ -86,6 +100,7 @@ def quantize_gptq(
     num_samples: int = 128,
     damp_percent: float = 0.05,
     device: str | torch.device | None = None,
+    verbose: bool = False,
 ) -> QuantizationReport:
     """Quantize a causal LM with GPTQ (gptqmodel) into `save_directory`, keeping its sparsity exactly.
 
@@ -97,8 +112,12 @@ def quantize_gptq(
     64, 128 and 256 only, and a warning says so); `sym`/`desc_act` as in GPTQ (`desc_act` = act-order, which
     permutes `g_idx`). `device`: where gptqmodel quantizes (default: CUDA if available, else CPU; on CPU its worker
     count is set to the number of cores, at least 2 (its model loader needs two), unless `GPTQMODEL_CPU_WORKERS` is
-    set). Writes the checkpoint, the tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized
-    layer) and `quantization_report.json`, atomically; returns the report."""
+    set, for the call). gptqmodel calibrates in the input's dtype (a model object's, or the `dtype` of its config;
+    float32, bfloat16 or float16), in which the embeddings, norms and `lm_head` are stored too; the input's
+    `generation_config.json` is written unchanged. `verbose`: show gptqmodel's banner, logs and progress bars
+    (default: none of it; the environment variables it sets on import are restored either way). Writes the
+    checkpoint, the tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized layer) and
+    `quantization_report.json`, atomically; returns the report."""
     check_bits(bits)
     power_of_two = isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
     if not (group_size == -1 or power_of_two):
@@ -112,6 +131,8 @@ def quantize_gptq(
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     source = _checked_source(model_or_path, tokenizer)
+    dtype = _source_dtype(source)
+    import_gptqmodel(verbose)
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = QuantizeConfig(
@@ -137,6 +158,7 @@ def quantize_gptq(
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(quieted(verbose))
         source = _source_checkpoint(source, tokenizer, stack)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(source)
         batches = calibration_batches(
@@ -156,7 +178,7 @@ def quantize_gptq(
                 f"ones), but the longest of the {len(calibration)} samples has {longest}; use longer texts (e.g. "
                 "join several) or a larger max_length."
             )
-        quantizer = GPTQModel.load(str(source), config, device=str(device))
+        quantizer = GPTQModel.load(str(source), config, device=str(device), dtype=dtype)
         logs = stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_elastic_gptq_logs_"))
         with _working_directory(logs):  # gptqmodel writes its log to ./logs
             quantizer.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=1)
@@ -165,14 +187,16 @@ def quantize_gptq(
             raise RuntimeError("gptqmodel quantized no linear layer of this model; nothing was written.")
         # the layers gptqmodel did quantize, for a model whose definition gptqmodel detects itself (not planned above)
         _check_group_size(group_size, {name: layer.in_features for name, layer in layers.items()})
-        masks = _read_masks(source, layers)
-        report = QuantizationReport(bits, group_size, sym, desc_act)
+        folder = _source_folder(source)
+        masks = _read_masks(folder, layers)
+        report = QuantizationReport(bits, group_size, sym, desc_act, dtype=str(dtype).removeprefix("torch."))
         for name, layer in layers.items():
             report.modules[name] = _restore_zeros(layer, masks[name])
         report.checkpoint_format = _choose_checkpoint_format(quantizer, layers)
         kept = {name: mask for name, mask in masks.items() if not bool(mask.all())}
         with staged_directory(save_directory) as staging:
             quantizer.save(str(staging))
+            _carry_files(folder, staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             save_sparsity_mask(kept, staging / MASK_FILE)
@@ -201,6 +225,24 @@ def _checked_source(model_or_path, tokenizer) -> nn.Module | Path | str:
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a model checkpoint folder (no config.json).")
     return path if path.exists() else str(model_or_path)
+
+
+def _source_dtype(source) -> torch.dtype:
+    """The dtype of the input: a model object's, or the `dtype` its checkpoint's config records (float32 when it
+    records none, as transformers then loads it). Raises unless gptqmodel calibrates in it."""
+    if isinstance(source, nn.Module):
+        dtype = source.dtype
+    else:
+        from transformers import AutoConfig
+
+        dtype = AutoConfig.from_pretrained(str(source)).dtype or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in CALIBRATION_DTYPES:
+        raise ValueError(
+            f"The model is in {dtype}, which gptqmodel does not calibrate in; quantize_gptq calibrates in the model's "
+            f"dtype: cast it to one of {', '.join(str(d).removeprefix('torch.') for d in CALIBRATION_DTYPES)} first."
+        )
+    return dtype
 
 
 def _source_checkpoint(source, tokenizer, stack: contextlib.ExitStack) -> Path | str:
@@ -319,15 +361,31 @@ def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _read_masks(source, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """`{layer name: weight != 0}` (out × in) from the float checkpoint, for each quantized layer."""
+def _source_folder(source) -> Path:
+    """The local folder of the float checkpoint gptqmodel loaded: `source`, or for a hub id its snapshot in the
+    local cache (where gptqmodel's load put the files)."""
+    folder = Path(source)
+    if folder.exists():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), allow_patterns=["*.safetensors", "*.json"]))
+
+
+def _carry_files(source: Path, staging: Path) -> None:
+    """Write the `CARRIED_FILES` of the input checkpoint into `staging` as they were (gptqmodel's save rewrites the
+    generation config: `do_sample` becomes true); one the input does not have is not written either."""
+    for name in CARRIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)
+        else:
+            (staging / name).unlink(missing_ok=True)
+
+
+def _read_masks(folder: Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """`{layer name: weight != 0}` (out × in) from the float checkpoint in `folder`, for each quantized layer."""
     from safetensors import safe_open
 
-    folder = Path(source)
-    if not folder.exists():  # a hub id: the files are in the local cache after gptqmodel loaded it
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(str(source), allow_patterns=["*.safetensors", "*.json"]))
     wanted = {f"{name}.weight": name for name in layers}
     masks = {}
     for file in sorted(glob.glob(str(folder / "*.safetensors"))):

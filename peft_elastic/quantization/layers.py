@@ -99,13 +99,20 @@ def checkpoint_zero_format(model: nn.Module) -> int:
 def save_in_checkpoint_format(model: nn.Module) -> None:
     """Make every GPTQ layer of `model` hold its `qzeros` in its state dict in the format the model's config declares,
     both ways: `state_dict()` (and so `save_pretrained`) writes that format, so the checkpoint reloads to the same
-    weights, and `load_state_dict` reads it. Idempotent."""
+    weights, and `load_state_dict` reads it; and make `model.save_pretrained` write the quantization config, dtype
+    label and tensor dtypes of the checkpoint it was loaded from (`checkpoint.keep_checkpoint_metadata`).
+    Idempotent."""
+    from .checkpoint import keep_checkpoint_metadata  # it imports this module
+
     target = checkpoint_zero_format(model)
-    for name, layer in model.named_modules():
-        if is_gptq_layer(layer) and not getattr(layer, "_peft_elastic_format_hooks", False):
+    layers = [(name, layer) for name, layer in model.named_modules() if is_gptq_layer(layer)]
+    for name, layer in layers:
+        if not getattr(layer, "_peft_elastic_format_hooks", False):
             layer.register_state_dict_post_hook(_saving_hook(name, target))
             layer.register_load_state_dict_pre_hook(_loading_hook(target))
             layer._peft_elastic_format_hooks = True
+    if layers:
+        keep_checkpoint_metadata(model)
 
 
 def _convert_qzeros(layer: nn.Module, qzeros: torch.Tensor, source: int, target: int, name: str = "") -> torch.Tensor:
