@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,46 @@ def test_search_strategies_quick_run_writes_its_section(tmp_path):
     # quick super-network: 2 layers x (5 rank groups + width + heads) = 14 groups; 3 choices each
     assert "14 groups, 4.78e+06 subnetworks" in text
     assert "Subnetwork switch: at most" in text and "Mean hypervolume:" in text
+
+
+def test_real_llm_quick_run_writes_its_section(tmp_path):
+    """The real-model benchmark's code paths, on a tiny Llama saved as a folder (the benchmark itself runs SmolLM2)."""
+    from peft_elastic.demo.task import splits
+    from peft_elastic.toy import tiny_llama, train_tokenizer
+
+    texts = [p["prompt"] + p["completion"] for p in splits(200, 10, 10)["train"]]
+    tokenizer = train_tokenizer(texts, vocab_size=96, words=True)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nKept as it is.\n")
+    args = [
+        "--quick",
+        "--model",
+        str(tmp_path / "model"),
+        "--results",
+        str(results),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    command = [sys.executable, str(ROOT / "benchmarks" / "real_llm.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nKept as it is.\n\n<!-- real_llm:start -->\n")
+    assert text.rstrip().endswith("<!-- real_llm:end -->")
+    assert f"`python benchmarks/real_llm.py {' '.join(args)}`" in text
+    assert "| LoRA merged, re-pruned to 50% |" in text and "| perplexity |" in text
+    steps = [line for line in text.splitlines() if line.startswith("| ") and "x [" in line]
+    assert [line.split(" | ")[0] for line in steps] == [
+        "| LoRA",
+        "| Shears (NLS, random subnetwork)",
+        "| SparsePEFT",
+        "| Mode B super-network (sandwich: 4 subnetworks)",
+        "| SQFT (NLS on the INT4 base)",
+        "| QA-SparsePEFT (INT4 base)",
+    ]
+    assert steps[0].endswith("| 1.00x [1.00, 1.00] |")
+    run_results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(claim in text for claim in run_results["findings"])
+    assert all(row["perplexity"] > 1 for row in run_results["table2"] + run_results["table1"])

@@ -80,6 +80,8 @@ def _indices(rows):
 PAPER_RELATIVE = {"shears": 1.023, "sparse_peft": 1.136, "sqft": 1.009, "qa_sparse_peft": 0.998}
 #: How far below the papers' ratio still counts as agreeing with it.
 MARGIN = 0.05
+#: The threshold of a strict claim ("costs", "recovers", "beats"): a gap of exactly zero does not make it hold.
+STRICT = 1e-9
 
 
 def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
@@ -99,12 +101,12 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     lines = [
         _judged(
             gap(dense, sparse),
-            0.0,
+            STRICT,
             f"50% Wanda sparsity costs accuracy without tuning ({dense.accuracy:.1%} -> {sparse.accuracy:.1%}).",
         ),
         _judged(
             gap(worst, sparse),
-            1e-9,
+            STRICT,
             f"Every fine-tuning method recovers the sparse model (lowest: {worst.method}, {worst.accuracy:.1%}, vs "
             f"{sparse.accuracy:.1%} untuned).",
         ),
@@ -124,7 +126,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         lines.append(
             _judged(
                 gap(sparse_peft, repruned),
-                0.0,
+                STRICT,
                 f"SparsePEFT beats LoRA merged and pruned again to the same sparsity ({sparse_peft.accuracy:.1%} vs "
                 f"{repruned.accuracy:.1%}).",
             )
@@ -134,7 +136,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         ratio = row.accuracy / lora.accuracy if lora.accuracy else 0.0
         lines.append(
             _judged(
-                stats.ratio_interval(row.hits, lora.hits, indices),
+                stats.ratio_interval(row.hits, lora.hits, indices) if lora.accuracy else None,
                 paper - MARGIN,
                 f"{row.method} reaches {ratio:.1%} of LoRA's accuracy (the papers: {paper:.1%}; agreeing means at "
                 f"least {paper - MARGIN:.1%}).",
@@ -152,7 +154,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     )
     lines.append(
         _judged(
-            stats.ratio_interval(heuristic.hits, lora_b.hits, lonas_indices),
+            stats.ratio_interval(heuristic.hits, lora_b.hits, lonas_indices) if lora_b.accuracy else None,
             0.991 - MARGIN,
             f"LoNAS's heuristic subnetwork keeps {relative:.1%} of LoRA's accuracy (the paper: 99.1%).",
         )
@@ -172,8 +174,11 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     return lines
 
 
-def _judged(bounds: tuple[float, float], threshold: float, text: str) -> str:
-    """A claim "quantity >= threshold" judged on the quantity's interval `bounds`."""
+def _judged(bounds: tuple[float, float] | None, threshold: float, text: str) -> str:
+    """A claim "quantity >= threshold" judged on the quantity's interval `bounds` (None: the quantity is undefined,
+    e.g. a ratio to an accuracy of 0)."""
+    if bounds is None:
+        return f"- [n/a] {text} (undefined: the reference scored 0)"
     low, high = bounds
     return f"- [{stats.verdict(low, high, threshold)}] {text} (95% interval [{low:.3g}, {high:.3g}])"
 
