@@ -10,13 +10,15 @@ leaves nothing half-written. An existing output folder is refused unless `--over
     peft-elastic train MODEL OUTPUT --dataset D [--method nls|elastic-lora|sparse-peft] [--sampler random] [--r 32]
     peft-elastic eval MODEL [--adapter A --subnetwork S] (--dataset TEST [--answer-column A] | --tasks T)
 
-Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2.
+Bad arguments and inputs end with one line on stderr (`peft-elastic <command>: error: ...`) and exit status 2. The
+paths a command is given (output, dataset, adapter, subnetwork file, model) are checked before anything is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -98,24 +100,111 @@ def _unloadable(name_or_path: str, error: OSError) -> CommandError:
     return CommandError(f"cannot load model {name_or_path!r}: {reason} ({_first_line(error)})")
 
 
+#: The local dataset files `load_data` reads, by suffix: the `datasets` builder of each.
+DATA_FILES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: A hub id: `name` or `org/name` (letters, digits, `-`, `_`, `.`). Anything else is a local path.
+HUB_ID = re.compile(r"(\w[\w.-]*/)?\w[\w.-]*")
+MODEL_KINDS = "give a model folder, a hub id, a .gguf file or 'smollm2'"
+
+
+def _hub_id(text: str) -> bool:
+    return HUB_ID.fullmatch(text) is not None and ".." not in text
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Check the paths `args` names — the output folder, --dataset, the adapter folder, a --subnetwork file and the
+    model — before anything is imported or loaded: each bad one ends the command with its own one-line error."""
+    if getattr(args, "output", None) is not None:
+        check_output(args.output, args.overwrite)
+    if getattr(args, "dataset", None) is not None:
+        check_dataset(args.dataset)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        check_adapter(adapter)
+        if getattr(args, "subnetwork", "active") not in SUBNETWORKS:  # search has no --subnetwork
+            read_subnetwork_file(args.subnetwork)
+    model = getattr(args, "base", None) or getattr(args, "model", None)
+    if model is not None:
+        check_model_path(model)
+
+
+def check_dataset(dataset: str) -> None:
+    """Refuse a `dataset` that names a local file or folder (a data-file suffix, or not a hub id) that is not
+    there, or a file of another kind; hub names are left to `load_data`."""
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.suffix.lower() not in DATA_FILES:
+        raise CommandError(f"dataset file {dataset!r}: use a .jsonl, .json, .csv or .parquet file")
+    if not path.exists() and (path.suffix.lower() in DATA_FILES or not _hub_id(dataset)):
+        raise CommandError(
+            f"dataset {dataset!r}: no such file or folder (--dataset takes a .jsonl, .json, .csv or .parquet file, a "
+            "folder saved with Dataset.save_to_disk, or a hub dataset name such as 'org/name')"
+        )
+
+
+def check_adapter(adapter: str) -> None:
+    """Refuse an `adapter` that is not a folder holding `adapter_config.json` (saying what it is instead)."""
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise CommandError(
+            f"adapter {adapter!r}: no such folder (give the folder an adapter was saved to with save_pretrained)"
+        )
+    if (path / "adapter_config.json").is_file():
+        return
+    if (path / "config.json").is_file():
+        raise CommandError(
+            f"adapter {adapter!r} is a model folder (config.json), not an adapter folder (adapter_config.json): pass "
+            "it as the model (--base for export and search)"
+        )
+    inside = sorted(p.parent.name for p in path.glob("*/adapter_config.json")) if path.is_dir() else []
+    hint = f"; it holds the adapter folders {inside}: give one of them" if inside else ""
+    raise CommandError(f"adapter {adapter!r} is not an adapter folder (no adapter_config.json in it){hint}")
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a model that names a local path which is not a model: a missing path that is not a hub id, a missing
+    or non-GGUF file, a folder without config.json (an adapter folder said so). Hub ids and 'smollm2' pass."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if name_or_path.lower().endswith(".gguf"):
+            raise CommandError(f"cannot load model {name_or_path!r}: GGUF file {name_or_path!r} does not exist.")
+        if not _hub_id(name_or_path):
+            raise CommandError(
+                f"cannot load model {name_or_path!r}: no such folder or file, and not a hub id ('name' or "
+                f"'org/name'); {MODEL_KINDS}"
+            )
+        return
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CommandError(f"cannot load model {name_or_path!r}: a file that is not a model: {MODEL_KINDS}")
+        return
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        raise CommandError(
+            f"cannot load model {name_or_path!r}: it is an adapter folder (adapter_config.json), not a model; pass "
+            "it as the adapter (export/search ADAPTER, eval --adapter) and its base model as --base/MODEL"
+        )
+    raise CommandError(
+        f"cannot load model {name_or_path!r}: the folder holds no config.json, so it is not a model folder "
+        "(save_pretrained writes one)"
+    )
+
+
 def load_data(dataset: str, split: str = "train"):
     """A `datasets.Dataset` from a local .jsonl/.json/.csv/.parquet file, a folder saved with
     `Dataset.save_to_disk`, or a dataset on the hub (its `split`)."""
+    check_dataset(dataset)
     import datasets
 
-    path = Path(dataset)
+    path = Path(dataset).expanduser()
     try:
         if path.is_file():
-            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-            if kind is None:
-                raise CommandError(f"dataset file {dataset!r}: use a .jsonl, .json, .csv or .parquet file")
+            kind = DATA_FILES[path.suffix.lower()]
             data = datasets.load_dataset(kind, data_files=str(path), split="train")
         elif path.is_dir() and (path / "dataset_info.json").exists():
             data = datasets.load_from_disk(str(path))
         else:
             data = datasets.load_dataset(dataset, split=split)
-    except CommandError:
-        raise
     except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
         raise CommandError(f"cannot load dataset {dataset!r}: {_first_line(error)}") from None
     if isinstance(data, datasets.DatasetDict):
@@ -142,9 +231,14 @@ def load_texts(dataset: str, text_column: str, split: str = "train") -> list[str
 def output_folder(target: str, overwrite: bool):
     """`replaced_directory(target)`: written under a temporary name, renamed when complete. An existing `target` is
     refused unless `overwrite` (then replaced whole, only on success)."""
+    check_output(target, overwrite)
+    return replaced_directory(target)
+
+
+def check_output(target: str, overwrite: bool) -> None:
+    """Refuse an existing output folder `target` unless `overwrite`."""
     if Path(target).exists() and not overwrite:
         raise CommandError(f"output {target!r} exists; choose another path or pass --overwrite")
-    return replaced_directory(target)
 
 
 @contextmanager
@@ -247,8 +341,7 @@ def load_adapter(base: str, adapter: str):
     """A PeftModel: the adapter folder (any of this package's tuner types, or stock PEFT) on the base model."""
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise CommandError(f"adapter {adapter!r} is not an adapter folder (no adapter_config.json)")
+    check_adapter(adapter)
     model, tokenizer = load_model(base)
     return PeftModel.from_pretrained(model, adapter), tokenizer
 
@@ -278,9 +371,20 @@ def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
         chosen = pick(model)
         subnetworks.set_subnetwork(model, chosen)
         return chosen
-    path = Path(choice)
+    subnetworks.set_subnetwork(model, read_subnetwork_file(choice))  # validates it: unknown groups or choices
+    return subnetworks.get_subnetwork(model)
+
+
+def read_subnetwork_file(choice: str) -> dict:
+    """The `{group: choice}` of the --subnetwork JSON file `choice` (or of the search result's entry it holds,
+    `{"subnetwork": {...}, ...}`); its groups are checked when it is set on the model."""
+    path = Path(choice).expanduser()
     if not path.is_file():
-        raise CommandError(f"--subnetwork {choice!r}: use one of {list(SUBNETWORKS)} or a JSON file")
+        looks_like_a_file = path.suffix.lower() == ".json" or not _hub_id(choice)
+        missing = "no such file; " if looks_like_a_file else ""
+        raise CommandError(
+            f"--subnetwork {choice!r}: {missing}use one of {list(SUBNETWORKS)} or a JSON file {{group name: choice}}"
+        )
     try:
         chosen = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -289,13 +393,70 @@ def choose_subnetwork(model, choice: str) -> dict[str, int] | None:
         chosen = chosen["subnetwork"]
     if not isinstance(chosen, dict):
         raise CommandError(f"--subnetwork {choice!r} must hold a JSON object {{group name: choice}}")
-    subnetworks.set_subnetwork(model, chosen)  # validates it (unknown groups or choices: a clear ValueError)
-    return subnetworks.get_subnetwork(model)
+    return chosen
+
+
+#: The file `export` writes the full subnetwork to, in its output folder.
+SUBNETWORK_FILE = "subnetwork.json"
+#: How each kind of group is named in a summary, by the suffix of its name (rank groups have none).
+KINDS = {"": ("ranks", "groups"), "width": ("MLP widths", "blocks"), "heads": ("heads", "blocks")}
+
+
+def _counted(values: list[int]) -> str:
+    """`8/6 in 60/30`: each value, largest first, and how many of `values` have it."""
+    counts = {value: values.count(value) for value in sorted(set(values), reverse=True)}
+    return f"{'/'.join(map(str, counts))} in {'/'.join(map(str, counts.values()))}"
+
+
+def _kind(group: str) -> str:
+    """The suffix of a group name: "" (a rank group), "width", "heads" or "block"."""
+    return group.rpartition(":")[2] if ":" in group else ""
+
+
+def subnetwork_summary(subnetwork: dict[str, int]) -> str:
+    """One line for `subnetwork`, e.g. "ranks 8/6 in 60/30 groups, MLP widths 1152 in 30 blocks, heads 6 in 30
+    blocks, 2 of 4 droppable blocks dropped"."""
+    parts = []
+    for kind, (what, unit) in KINDS.items():
+        values = [value for group, value in subnetwork.items() if _kind(group) == kind]
+        if values:
+            parts.append(f"{what} {_counted(values)} {unit if len(values) > 1 else unit[:-1]}")
+    blocks = [value for group, value in subnetwork.items() if _kind(group) == "block"]
+    if blocks:
+        parts.append(f"{blocks.count(0)} of {len(blocks)} droppable blocks dropped")
+    return ", ".join(parts)
+
+
+def subnetwork_table(subnetwork: dict[str, int], space: dict[str, list[int]]) -> list[str]:
+    """A compact table of `subnetwork`, one row per kind of group across the layers (the layer index shown as `*`):
+    how many groups, their choices (`space`, the search space) and how many chose each."""
+    rows: dict[str, list[str]] = {}
+    for group in subnetwork:
+        rows.setdefault(re.sub(r"\.\d+(?=[.:]|$)", ".*", group), []).append(group)
+    table = [("groups", "n", "choices", "chosen")]
+    for pattern, groups in rows.items():
+        values = [subnetwork[group] for group in groups]
+        if _kind(pattern) == "block":
+            choices, chosen = "keep/drop", f"kept {values.count(1)}, dropped {values.count(0)}"
+        else:
+            offered = sorted({choice for group in groups for choice in space[group]}, reverse=True)
+            choices, chosen = "/".join(map(str, offered)), _counted(values)
+        table.append((pattern, str(len(groups)), choices, chosen))
+    widths = [max(len(row[column]) for row in table) for column in range(3)]
+    return [
+        f"  {name:<{widths[0]}}  {count:>{widths[1]}}  {choices:<{widths[2]}}  {chosen}"
+        for name, count, choices, chosen in table
+    ]
+
+
+def _subnetwork_label(choice: str) -> str:
+    return f"{choice} subnetwork" if choice in SUBNETWORKS else f"subnetwork {choice}"
 
 
 def export_command(args: argparse.Namespace) -> None:
     from .compressed import export_compressed_model
     from .export import export_sub_adapter
+    from .subnetwork import search_space
 
     if args.uniform_rank is not False and args.kind != "sub-adapter":
         raise CommandError(f"--uniform-rank writes a LoRA adapter's ranks; it does not apply to --as {args.kind}")
@@ -303,6 +464,7 @@ def export_command(args: argparse.Namespace) -> None:
     subnetwork = choose_subnetwork(model, args.subnetwork)
     if subnetwork is None and args.kind != "merged":
         raise CommandError(f"--as {args.kind} needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
+    space = None if subnetwork is None else search_space(model)  # before a merge unloads the adapter
     with output_folder(args.output, args.overwrite) as folder:
         if args.kind == "sub-adapter":
             export_sub_adapter(model, folder, subnetwork, uniform_rank=args.uniform_rank)
@@ -315,8 +477,15 @@ def export_command(args: argparse.Namespace) -> None:
             mask = Path(args.base) / "sparsity_mask.safetensors"
             if mask.is_file():  # a GPTQ base's pruned positions: a merged SparsePEFT adapter keeps them
                 shutil.copyfile(mask, folder / mask.name)
+        if subnetwork is not None:
+            (folder / SUBNETWORK_FILE).write_text(json.dumps(subnetwork, indent=1) + "\n")
     what = {"sub-adapter": "a stock LoRA adapter", "merged": "the merged model", "compressed": "the compressed model"}
-    print(f"{args.output}: {what[args.kind]}" + (f" of subnetwork {json.dumps(subnetwork)}" if subnetwork else ""))
+    if subnetwork is None:
+        print(f"{args.output}: {what[args.kind]}")
+        return
+    print(f"{args.output}: {what[args.kind]} ({SUBNETWORK_FILE})")
+    print(f"{_subnetwork_label(args.subnetwork)}: {subnetwork_summary(subnetwork)}")
+    print("\n".join(subnetwork_table(subnetwork, space)))
 
 
 def search_command(args: argparse.Namespace) -> None:
@@ -381,8 +550,11 @@ def eval_command(args: argparse.Namespace) -> None:
         )
         name = "exact-match accuracy"
     value = evaluate(model)
-    print(json.dumps({"metric": name, "value": value, "model": args.model, "adapter": args.adapter,
-                      "subnetwork": subnetwork}))  # fmt: skip
+    print(json.dumps({
+        "metric": name, "value": value, "model": args.model, "adapter": args.adapter,
+        "subnetwork": None if subnetwork is None else args.subnetwork,
+        "subnetwork_summary": None if subnetwork is None else subnetwork_summary(subnetwork),
+    }))  # fmt: skip
 
 
 METHODS = ("nls", "elastic-lora", "sparse-peft")
@@ -615,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export ADAPTER (saved with save_pretrained, on BASE) to OUTPUT: 'sub-adapter' writes the "
         "subnetwork as a stock LoRA adapter that plain PEFT loads; 'merged' merges the adapter into the base (a "
         "sparse base stays sparse with SparsePEFT, a GPTQ base stays INT4 with QA-SparsePEFT); 'compressed' writes "
-        "the physically smaller model of a Mode B subnetwork.",
+        "the physically smaller model of a Mode B subnetwork. The subnetwork is written to OUTPUT/subnetwork.json "
+        "and summarized on stdout.",
     )
     _add_adapter_io(export, "the adapter folder (save_pretrained)")
     export.add_argument("--as", dest="kind", choices=EXPORTS, default="sub-adapter", help="default: sub-adapter")
@@ -693,7 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval",
         help="evaluate a model (or an adapter's subnetwork): loss, exact match, or lm-evaluation-harness tasks",
-        description="Evaluate MODEL, or ADAPTER on it at --subnetwork, and print one JSON line {metric, value, ...}: "
+        description="Evaluate MODEL, or ADAPTER on it at --subnetwork, and print one JSON line {metric, value, ..., "
+        "subnetwork, subnetwork_summary}: "
         "the loss of --dataset's texts, the exact-match accuracy of answers generated for its prompts "
         "(--answer-column), or --tasks of lm-evaluation-harness (the eval extra) run in memory.",
     )
@@ -739,6 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
     try:
+        check_inputs(args)
         with _progress_bars(not getattr(args, "quiet", False)):
             run(args)
     except (CommandError, ValueError, ImportError, OSError) as error:  # bad input or setup: one line, no traceback

@@ -232,6 +232,19 @@ def load_compressed_model(path: str | os.PathLike, **kwargs) -> nn.Module:
     sizes) or set `dtype`; a model with per-module shapes is built from its config, narrowed, then filled."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{str(path)!r} is an adapter folder (adapter_config.json), not a model: load it on its base with "
+                "peft.PeftModel.from_pretrained(base, path), or write its compressed model with `peft-elastic export "
+                "ADAPTER OUTPUT --base MODEL --as compressed` (peft_elastic.export_compressed_model) and load that "
+                "folder."
+            )
+        raise ValueError(
+            f"{str(path)!r} holds no config.json, so it is not a model folder: give the folder "
+            "export_compressed_model (or save_pretrained) wrote."
+        )
     config = AutoConfig.from_pretrained(path)
     if not getattr(config, SHAPES_KEY, None):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)

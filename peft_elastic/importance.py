@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .sparsity.calibration import calibration_batches
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES, DEFAULT_WIDTH_MODULES
@@ -56,11 +57,13 @@ def reorder_by_importance(
     text_column: str = "text",
     max_length: int = 512,
     num_samples: int = 128,
+    progress: bool = True,
 ) -> dict[str, list[int]]:
     """Permute, in place, the MLP channels and attention key/value groups of every block of `model` (a plain
     transformers model) by decreasing importance. `method`: "magnitude" (default without calibration data) or
-    "activation" (default with it; calibration data as for `sparsify`). Returns `{block: new order}` (the old
-    index of each new position: channels for MLPs, key/value groups for attention)."""
+    "activation" (default with it; calibration data as for `sparsify`). `progress`: show progress bars over the
+    calibration batches and the blocks. Returns `{block: new order}` (the old index of each new position: channels
+    for MLPs, key/value groups for attention)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -83,10 +86,10 @@ def reorder_by_importance(
         batches = calibration_batches(
             calibration_data, tokenizer, text_column=text_column, max_length=max_length, num_samples=num_samples
         )
-        norms = _consumer_input_norms(model, blocks, batches)
+        norms = _consumer_input_norms(model, blocks, batches, progress)
     orders = {}
     with torch.no_grad():
-        for block in blocks:
+        for block in tqdm(blocks, desc="importance (reordering)", unit="block", disable=not progress):
             scores = _scores(block, None if norms is None else norms[block.parent])
             order = torch.argsort(scores, descending=True, stable=True)
             _permute(block, order)
@@ -163,7 +166,7 @@ def _blocks(model: nn.Module, width_modules, head_modules) -> list[_Block]:
     return blocks
 
 
-def _consumer_input_norms(model, blocks, batches) -> dict[str, torch.Tensor]:
+def _consumer_input_norms(model, blocks, batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """`{block: ‖X_j‖₂ over the calibration tokens}` of the first consumer's input channels."""
     squares = {block.parent: None for block in blocks}
 
@@ -180,7 +183,7 @@ def _consumer_input_norms(model, blocks, batches) -> dict[str, torch.Tensor]:
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="importance (calibration)", unit="batch", disable=not progress):
                 model(**{k: v.to(model.device) for k, v in batch.items()})
     finally:
         for handle in handles:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from peft_elastic import cli
 from peft_elastic.cli import main
 from peft_elastic.sparsity import sparsify
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
@@ -108,7 +109,7 @@ def test_bad_inputs_end_with_one_line(capsys, model_dir, texts_file, tmp_path, c
         ),
         "model": (
             [tmp_path / "nowhere", out, "--method", "magnitude"],
-            "cannot load model '{nowhere}': not a local folder, and not a model id reachable from here (offline?)",
+            "cannot load model '{nowhere}': no such folder or file, and not a hub id ('name' or 'org/name')",
         ),
         "gguf": (
             [tmp_path / "nowhere.gguf", out, "--method", "magnitude"],
@@ -177,7 +178,7 @@ def test_quantize_equals_the_library_call(capsys, model_dir, texts_file, tokeniz
         == load_file(reference / "sparsity_mask.safetensors").keys()
     )
     code, _, stderr = run(capsys, "quantize", tmp_path / "nowhere", tmp_path / "other", "--dataset", joined, "--quiet")
-    assert code == 2 and f"cannot load model '{tmp_path / 'nowhere'}': not a local folder" in stderr
+    assert code == 2 and f"cannot load model '{tmp_path / 'nowhere'}': no such folder or file" in stderr
     code, _, stderr = run(capsys, "quantize", sparse, tmp_path / "other", "--quiet")
     assert (
         code == 2 and stderr == "peft-elastic quantize: error: GPTQ needs calibration texts: --dataset FILE_OR_NAME\n"
@@ -219,7 +220,8 @@ def test_export_sub_adapter_merged_and_compressed(capsys, model_dir, tmp_path):
     code, stdout, stderr = run(capsys, "export", adapter, tmp_path / "sub", "--base", model_dir, "--subnetwork",
                                "heuristic", "--quiet")  # fmt: skip
     assert code == 0, stderr
-    assert stdout == f"{tmp_path / 'sub'}: a stock LoRA adapter of subnetwork {json.dumps(heuristic)}\n"
+    assert stdout.startswith(f"{tmp_path / 'sub'}: a stock LoRA adapter (subnetwork.json)\nheuristic subnetwork: ")
+    assert json.loads((tmp_path / "sub" / "subnetwork.json").read_text()) == heuristic
     config = json.loads((tmp_path / "sub" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "sub").eval()
@@ -325,7 +327,8 @@ def test_search_then_export_its_best(capsys, model_dir, texts_file, tmp_path):
 
     code, stdout, stderr = run(capsys, "export", adapter, tmp_path / "small", "--base", model_dir, "--as",
                                "compressed", "--subnetwork", out / "best.json", "--quiet")  # fmt: skip
-    assert code == 0 and json.dumps(best["subnetwork"]) in stdout, stderr
+    assert code == 0 and stdout.startswith(f"{tmp_path / 'small'}: the compressed model (subnetwork.json)"), stderr
+    assert json.loads((tmp_path / "small" / "subnetwork.json").read_text()) == best["subnetwork"]
     small = peft_elastic.load_compressed_model(tmp_path / "small")
     assert sum(p.numel() for p in small.parameters()) == best["cost"]  # the deployed model the search priced
     code, _, stderr = run(capsys, "search", adapter, tmp_path / "s2", "--base", model_dir, "--dataset", texts_file,
@@ -348,7 +351,8 @@ def test_eval_equals_the_evaluators(capsys, model_dir, texts_file, tokenizer, tm
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
     minimal = peft_elastic.minimal_subnetwork(model)
     peft_elastic.set_subnetwork(model, minimal)
-    assert printed["metric"] == "loss" and printed["subnetwork"] == minimal
+    assert printed["metric"] == "loss" and printed["subnetwork"] == "minimal"
+    assert printed["subnetwork_summary"] == cli.subnetwork_summary(minimal)
     assert printed["value"] == pytest.approx(LossEvaluator(TEXTS, tokenizer, num_samples=None)(model), rel=1e-6)
 
     problems = tmp_path / "problems.jsonl"

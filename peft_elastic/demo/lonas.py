@@ -113,7 +113,7 @@ def lonas_table(
         **mode_b_choices(base.config),
     )
     resolve_width_choices(base, config)  # a choice the model cannot take fails here, before the reordering
-    reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128)
+    reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128, progress=False)
     budget = dataclasses.replace(settings, steps=search.steps)
     supernet = finetune(base, config, tokenizer, train, budget, search.strategy, log)
     supernet.save_pretrained(out / "lonas-super-adapter")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 
 import torch
@@ -49,6 +50,42 @@ def _elastic_class(base_layer: nn.Module) -> type | None:
     if isinstance(base_layer, (nn.Linear, Conv1D)):
         return Linear
     return None
+
+
+def _warn_unmatched_targets(model: nn.Module, config: ElasticLoraConfig, prefix: str) -> None:
+    """Warn about the entries of a list-form `config.target_modules` that match no module of `model` (as PEFT
+    matches them: the full name, or its last dotted components), naming the closest module names. PEFT raises only
+    when no entry matches; a typo next to a matching entry would otherwise adapt fewer modules, silently."""
+    targets = config.target_modules
+    if targets is None or isinstance(targets, str):
+        return
+    names = [
+        name
+        for name, _ in model.named_modules()
+        if name and not any(part == "base_layer" or part.startswith(prefix) for part in name.split("."))
+    ]
+    unmatched = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+    if not unmatched:
+        return
+    details = []
+    for entry in unmatched:
+        depth = entry.count(".") + 1  # compare with module names of as many dotted components
+        suffixes = list(dict.fromkeys(".".join(name.split(".")[-depth:]) for name in names))
+        close = difflib.get_close_matches(entry, suffixes, n=3)
+        shown = ", ".join(repr(c) for c in close) if close else "none close"
+        details.append(f"{entry!r} (closest module names: {shown})")
+    matched = sorted(set(targets) - set(unmatched))
+    several = len(unmatched) > 1
+    entries, match, adapt, those = (
+        ("entries", "match", "adapt", "those") if several else ("entry", "matches", "adapts", "that")
+    )
+    warnings.warn(
+        f"{type(config).__name__} target_modules {entries} {unmatched} {match} no module of the model and {adapt} "
+        f"nothing: {', '.join(details)}. Only the modules matching {matched} are adapted; fix or remove {those} "
+        f"{entries}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 class ElasticLoraModel(LoraModel):
@@ -105,6 +142,7 @@ class ElasticLoraModel(LoraModel):
             check_base_fingerprint(model, config.base_fingerprint, adapter_name)  # before the base is changed
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        _warn_unmatched_targets(model, config, self.prefix)  # PEFT raised already if no entry matched
         if _slices_base(config) and (config.base_fingerprint is None or taken_here):
             self._take_base_fingerprint(model, config, adapter_name)
 
