@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 from ..io import staged_directory
 from ..sparsity.calibration import calibration_batches
 from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, restored_environment
-from .mask import MASK_FILE, save_sparsity_mask
+from .mask import MASK_FILE, SparsityMaskWriter, load_sparsity_mask
 from .packing import SUPPORTED_BITS, check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
 
@@ -188,20 +188,22 @@ def quantize_gptq(
         # the layers gptqmodel did quantize, for a model whose definition gptqmodel detects itself (not planned above)
         _check_group_size(group_size, {name: layer.in_features for name, layer in layers.items()})
         folder = _source_folder(source)
-        masks = _read_masks(folder, layers)
         report = QuantizationReport(bits, group_size, sym, desc_act, dtype=str(dtype).removeprefix("torch."))
-        for name, layer in layers.items():
-            report.modules[name] = _restore_zeros(layer, masks[name])
-        report.checkpoint_format = _choose_checkpoint_format(quantizer, layers)
-        kept = {name: mask for name, mask in masks.items() if not bool(mask.all())}
         with staged_directory(save_directory) as staging:
-            quantizer.save(str(staging))
+            # one layer at a time (memory independent of depth): its mask read from the float checkpoint, its
+            # pruned weights set back to the zero-point, its mask appended to the file unless it keeps every weight
+            with SparsityMaskWriter(staging / MASK_FILE) as writer:
+                for name, mask in _read_masks(folder, layers):
+                    report.modules[name] = _restore_zeros(layers[name], mask)
+                    if not bool(mask.all()):
+                        writer.add(name, mask)
+            report.checkpoint_format = _choose_checkpoint_format(quantizer, layers)
+            quantizer.save(str(staging))  # it replaces its own weight files only (model*.safetensors)
             _carry_files(folder, staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            save_sparsity_mask(kept, staging / MASK_FILE)
             (staging / "quantization_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-            _verify_saved_zeros(staging, kept, bits)
+            _verify_saved_zeros(staging, load_sparsity_mask(staging / MASK_FILE), bits)
     return report
 
 
@@ -382,84 +384,115 @@ def _carry_files(source: Path, staging: Path) -> None:
             (staging / name).unlink(missing_ok=True)
 
 
-def _read_masks(folder: Path, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """`{layer name: weight != 0}` (out × in) from the float checkpoint in `folder`, for each quantized layer."""
+#: Weights `_restore_zeros` and `_verify_saved_zeros` unpack at a time (a block of output columns): their int32 and
+#: int64 working tensors (~30 bytes per weight) then take ~60 MB, not ~30 bytes per weight of the largest layer.
+CHUNK_WEIGHTS = 1 << 21
+
+
+def _column_chunks(rows: int, columns: int) -> list[slice]:
+    """Blocks of output columns of about `CHUNK_WEIGHTS` weights for a layer of `rows` inputs; each but the last a
+    multiple of 16 columns (a whole number of `qzeros` words at 2, 4 and 8 bits)."""
+    step = max(16, CHUNK_WEIGHTS // max(rows, 1) // 16 * 16)
+    return [slice(start, start + step) for start in range(0, columns, step)]
+
+
+def _tensor_files(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, Path]:
+    """`{tensor name: safetensors file of folder that holds it}`, from the files' headers (no tensor is read)."""
     from safetensors import safe_open
 
-    wanted = {f"{name}.weight": name for name in layers}
-    masks = {}
-    for file in sorted(glob.glob(str(folder / "*.safetensors"))):
-        with safe_open(file, "pt") as handle:
-            for key in handle.keys():
-                if key in wanted:
-                    masks[wanted[key]] = handle.get_tensor(key) != 0
-    missing = sorted(set(layers) - set(masks))
+    files = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name not in skip:
+            with safe_open(str(file), "pt") as handle:
+                files.update(dict.fromkeys(handle.keys(), file))
+    return files
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, opened for it alone: a handle kept open for many tensors keeps every page it
+    has read mapped, and so resident (a whole shard's worth by the last tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        return handle.get_tensor(key)
+
+
+def _read_masks(folder: Path, layers: Mapping[str, object]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(layer name, weight != 0)` (out × in, bool) from the float checkpoint in `folder` for each of `layers`, in
+    their order, one layer read at a time. Raises before reading any weight if one is missing."""
+    files = _tensor_files(folder)
+    missing = sorted(name for name in layers if f"{name}.weight" not in files)
     if missing:
         raise RuntimeError(
             f"The float weights of {missing[:3]} were not found in the safetensors files of {str(folder)!r}; "
             "save the model with safetensors (save_pretrained does by default) and try again."
         )
-    return masks
+    return ((name, _read_tensor(files[f"{name}.weight"], f"{name}.weight") != 0) for name in layers)
 
 
 def _restore_zeros(layer: nn.Module, mask: torch.Tensor) -> tuple[int, int, int]:
     """Set the code of every pruned weight (`mask` False) of a gptqmodel layer (packed in the v2 format, `z`) to its
-    group's zero-point, in place. Returns (pruned, total, how many pruned weights GPTQ had filled)."""
-    bits, rows = layer.bits, layer.g_idx.shape[0]
+    group's zero-point, in place, a block of output columns at a time (`CHUNK_WEIGHTS`). Returns (pruned, total,
+    how many pruned weights GPTQ had filled)."""
+    bits, rows, out = layer.bits, layer.g_idx.shape[0], layer.scales.shape[1]
     check_bits(bits)
-    if mask.shape != (layer.scales.shape[1], rows):
-        raise RuntimeError(f"mask {tuple(mask.shape)} does not fit the layer ({layer.scales.shape[1]} × {rows})")
-    zeros = zero_points(layer.qzeros, bits, layer.scales.shape[1], 2)  # (groups, out)
-    codes = unpack_rows(layer.qweight, bits, rows)  # (in, out)
-    pruned = ~mask.T.to(codes.device)
-    target = zeros[layer.g_idx.long()]  # (in, out): the zero-point of each weight's group
-    filled = int((pruned & (codes != target)).sum())
-    if filled:
-        codes = torch.where(pruned, target, codes)
-        layer.qweight.data.copy_(pack_rows(codes, bits)[: layer.qweight.shape[0]])
-    return int(pruned.sum()), mask.numel(), filled
+    if mask.shape != (out, rows):
+        raise RuntimeError(f"mask {tuple(mask.shape)} does not fit the layer ({out} × {rows})")
+    zeros = zero_points(layer.qzeros, bits, out, 2)  # (groups, out)
+    groups = layer.g_idx.long()
+    filled = 0
+    for columns in _column_chunks(rows, out):
+        codes = unpack_rows(layer.qweight[:, columns], bits, rows)  # (in, columns)
+        pruned = ~mask[columns].T.to(codes.device)
+        target = zeros[:, columns][groups]  # (in, columns): the zero-point of each weight's group
+        refill = int(torch.count_nonzero(pruned & (codes != target)))
+        if refill:
+            filled += refill
+            packed = pack_rows(torch.where(pruned, target, codes), bits)
+            layer.qweight.data[:, columns] = packed[: layer.qweight.shape[0]]
+    return mask.numel() - int(torch.count_nonzero(mask)), mask.numel(), filled  # (a bool sum copies to int64)
 
 
 def _choose_checkpoint_format(quantizer, layers: dict[str, nn.Module]) -> str:
     """Write "gptq" (v1, `z − 1`: the format every GPTQ reader takes) when every zero-point is at least 1, converting
     the layers' `qzeros` in place; else keep "gptq_v2" (`z`; transformers loads it through gptqmodel), since v1
-    cannot store a zero-point of 0 (asymmetric groups whose weights are all of one sign, frequent in sparse models)."""
+    cannot store a zero-point of 0 (asymmetric groups whose weights are all of one sign, frequent in sparse models).
+    The zero-points are unpacked one layer at a time."""
     from gptqmodel.quantization import FORMAT
 
-    zeros = {name: zero_points(layer.qzeros, layer.bits, layer.scales.shape[1], 2) for name, layer in layers.items()}
-    if any(int(z.min()) < 1 for z in zeros.values()):
+    def zeros(layer: nn.Module) -> torch.Tensor:  # (groups, out)
+        return zero_points(layer.qzeros, layer.bits, layer.scales.shape[1], 2)
+
+    if any(int(zeros(layer).min()) < 1 for layer in layers.values()):
         return "gptq_v2"
-    for name, layer in layers.items():
-        layer.qzeros.data.copy_(pack_cols(zeros[name] - 1, layer.bits))
+    for layer in layers.values():
+        layer.qzeros.data.copy_(pack_cols(zeros(layer) - 1, layer.bits))
     quantizer.quantize_config.format = FORMAT.GPTQ
     return "gptq"
 
 
-def _verify_saved_zeros(directory: Path, masks: dict[str, torch.Tensor], bits: int) -> None:
-    """Every pruned weight of the saved checkpoint dequantizes to exactly 0."""
-    from safetensors import safe_open
-
+def _verify_saved_zeros(directory: Path, masks: Mapping[str, torch.Tensor], bits: int) -> None:
+    """Every pruned weight of the saved checkpoint dequantizes to exactly 0, for each layer of `masks` (module name:
+    bool (out × in) mask, e.g. the saved mask file read back). One layer's tensors are read at a time, and
+    dequantized a block of output columns at a time (`CHUNK_WEIGHTS`)."""
     from .packing import dequantize
 
     config = json.loads((directory / "config.json").read_text()).get("quantization_config", {})
     zero_format = 2 if config.get("checkpoint_format", config.get("format")) == "gptq_v2" else 1
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        if file.name == MASK_FILE:
-            continue
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                if key.rsplit(".", 1)[0] in masks:
-                    tensors[key] = handle.get_tensor(key)
+    files = _tensor_files(directory, skip=(MASK_FILE,))
+    per_word = 32 // bits
     for name, mask in masks.items():
-        parts = [tensors.get(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")]
-        if any(part is None for part in parts):
+        keys = [f"{name}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx")]
+        if any(key not in files for key in keys):
             raise RuntimeError(f"The saved checkpoint lacks the GPTQ tensors of {name}; nothing was written.")
-        weight = dequantize(*parts, bits, zero_format)
-        if bool((weight[~mask] != 0).any()):
-            raise RuntimeError(
-                f"{name}: pruned weights do not dequantize to 0 in the saved checkpoint; nothing was written."
-            )
+        qweight, qzeros, scales, g_idx = (_read_tensor(files[key], key) for key in keys)
+        for columns in _column_chunks(g_idx.shape[0], scales.shape[1]):
+            words = slice(columns.start // per_word, columns.stop // per_word)
+            weight = dequantize(qweight[:, columns], qzeros[:, words], scales[:, columns], g_idx, bits, zero_format)
+            if bool((weight[~mask[columns]] != 0).any()):
+                raise RuntimeError(
+                    f"{name}: pruned weights do not dequantize to 0 in the saved checkpoint; nothing was written."
+                )
 
 
 __all__ = ["SUPPORTED_BITS", "QuantizationReport", "quantize_gptq"]

@@ -240,15 +240,19 @@ def save_sparsified(model, save_directory: str | os.PathLike, report: SparsityRe
 
 
 def _verify_saved_zeros(directory: Path, model: nn.Module) -> None:
+    """Raise unless every pruned layer's weight saved in `directory` has as many zeros as in `model`. One saved tensor
+    is read at a time, its file opened for it alone: a handle kept open for a whole file keeps every page it has read
+    mapped, and so resident (the shard's size by its last tensor)."""
     from safetensors import safe_open
 
     expected = {f"{name}.weight": zeros for name, (zeros, _) in measure_sparsity(model).modules.items()}
     found = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(file, "pt") as handle:
-            for key in handle.keys():
-                if key in expected:
-                    found[key] = int(torch.count_nonzero(handle.get_tensor(key) == 0))
+            keys = [key for key in handle.keys() if key in expected]
+        for key in keys:
+            with safe_open(file, "pt") as handle:
+                found[key] = int(torch.count_nonzero(handle.get_tensor(key) == 0))
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]
         differ = sorted(k for k in found if found[k] != expected[k])[:3]

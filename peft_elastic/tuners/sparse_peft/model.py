@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -54,8 +55,10 @@ class SparsePEFTModel(ElasticLoraModel):
             )
         return super()._create_new_module(config, adapter_name, target, **kwargs)
 
-    def _gptq_masks(self, config: SparsePEFTConfig) -> dict[str, torch.Tensor]:
-        """`{module name: bool (out × in) mask}` for the GPTQ layers (layers without an entry keep every weight)."""
+    def _gptq_masks(self, config: SparsePEFTConfig) -> Mapping[str, torch.Tensor]:
+        """`{module name: bool (out × in) mask}` for the GPTQ layers (layers without an entry keep every weight): the
+        mask file, read one layer per access (`SparsityMaskFile`). Each layer takes its mask and keeps it bit-packed;
+        the tuner keeps only the file's names, so no layer's mask is held twice, nor every layer's at once."""
         from ...quantization.mask import MASK_FILE, load_sparsity_mask  # quantization imports this package
 
         if config.sparsity_mask == DENSE:
@@ -80,7 +83,7 @@ class SparsePEFTModel(ElasticLoraModel):
                     f"sparsity_mask='path/to/{MASK_FILE}'; or sparsity_mask={DENSE!r} for a base that is not sparse."
                 )
         cached = getattr(self, "_mask_cache", None)
-        if cached is None or cached[0] != path:
+        if cached is None or cached[0] != path or cached[1].changed():  # read again if quantized again
             masks = load_sparsity_mask(path)
             names = {name for name, _ in self.model.named_modules()}
             unknown = sorted(set(masks) - names)
