@@ -60,16 +60,19 @@ def compressed_state(
                     f"{type(inner).__name__} (quantized bases are exported with merge_and_unload)."
                 )
             k, (out_width, in_width) = ranks[name], widths[name]
-            weight = inner.weight.float()
+            weight = _upcast(inner.weight)
             if adapter_name not in layer.merged_adapters:
-                a, b = layer.lora_A[adapter_name].weight[:k].float(), layer.lora_B[adapter_name].weight[:, :k].float()
+                a, b = (
+                    _upcast(layer.lora_A[adapter_name].weight[:k]),
+                    _upcast(layer.lora_B[adapter_name].weight[:, :k]),
+                )
                 weight = weight + layer.scaling[adapter_name] * (b @ a)
             state[f"{name}.weight"] = weight[:out_width, :in_width].to(inner.weight.dtype).contiguous()
             if inner.bias is not None:
-                bias = inner.bias.float()
+                bias = _upcast(inner.bias)
                 lora_bias = layer.lora_B[adapter_name].bias
                 if lora_bias is not None and adapter_name not in layer.merged_adapters:
-                    bias = bias + layer.scaling[adapter_name] * lora_bias.float()
+                    bias = bias + layer.scaling[adapter_name] * _upcast(lora_bias)
                 state[f"{name}.bias"] = bias[:out_width].to(inner.bias.dtype).contiguous()
             if (out_width, in_width) != (inner.out_features, inner.in_features):
                 shapes[name] = (out_width, in_width)
@@ -117,6 +120,11 @@ def _without_blocks(base, config, dropped: list[str], state: dict, shapes: dict)
     if isinstance(layer_types, list) and len(layer_types) == len(blocks):
         config.layer_types = [layer_types[i] for i in kept]
     return state, shapes
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in at least float32 (half precision is upcast for the fold; float64 stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _valid(config) -> bool:
