@@ -1,7 +1,9 @@
 """Super-network training: subnetwork samplers, the `SubnetworkSamplingCallback` for the transformers `Trainer` and
-TRL's `SFTTrainer`, and trainers that support multi-pass strategies (sandwich)."""
+TRL's `SFTTrainer`, trainers that support multi-pass strategies (sandwich), and `QuantizationAwareCallback`
+(QA-SparsePEFT's changed INT codes, with a warning when the learning rate is too small for the grid)."""
 
 from .callback import SubnetworkSamplingCallback
+from .qa_monitor import QuantizationAwareCallback
 from .samplers import (
     STRATEGIES,
     FixedSampler,
@@ -21,6 +23,7 @@ __all__ = [
     "ElasticTrainerMixin",
     "FixedSampler",
     "GridParamsSampler",
+    "QuantizationAwareCallback",
     "RandomLinearSampler",
     "RandomSampler",
     "SandwichSampler",

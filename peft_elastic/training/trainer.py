@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from ..subnetwork import get_subnetwork, set_subnetwork
 from .callback import SubnetworkSamplingCallback
+from .qa_monitor import QuantizationAwareCallback, has_quantization_aware_layers
 
 
 class ElasticTrainerMixin:
@@ -40,6 +41,11 @@ class ElasticTrainerMixin:
 
     def train(self, *args, **kwargs):
         self._attach_sampling_callback()
+        callbacks = self.callback_handler.callbacks
+        if has_quantization_aware_layers(self.model) and not any(
+            isinstance(cb, QuantizationAwareCallback) for cb in callbacks
+        ):
+            self.add_callback(QuantizationAwareCallback())
         return super().train(*args, **kwargs)
 
     def _load_callback_state(self, *args, **kwargs):

@@ -1,0 +1,85 @@
+"""`QuantizationAwareCallback`: logs how many INT codes a QA-SparsePEFT adapter changes, and warns when it changes
+almost none — the adapter is then rounded away (`|ΔW / S| < ½` nearly everywhere) and the merge gives back the base.
+
+`ElasticTrainer` / `ElasticSFTTrainer` add it by themselves when the model has QA-SparsePEFT layers; with a plain
+`Trainer` / `SFTTrainer`, pass it in `callbacks=[QuantizationAwareCallback()]`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from transformers import TrainerCallback
+
+from ..tuners.sparse_peft.monitor import codes_changed
+
+#: Below this fraction of changed codes at the check step the run is warned. The learning rates measured on
+#: SmolLM2-135M and the demo's base (docs/quantization.md) give < 0.01 % when the loss stays flat and > 1 % when it
+#: falls.
+MIN_FRACTION = 1e-4
+#: The learning rate the warning recommends (docs/quantization.md: the smallest measured rate at which QA-SparsePEFT
+#: lowers the loss on both models in 30 steps).
+RECOMMENDED_LR = 2e-3
+
+
+def has_quantization_aware_layers(model) -> bool:
+    from ..tuners.sparse_peft.gptq import QAGPTQLinear
+
+    return any(isinstance(module, QAGPTQLinear) for module in model.modules())
+
+
+class QuantizationAwareCallback(TrainerCallback):
+    """Adds `qa_codes_changed` (the fraction of the adapted INT weights whose code the merge would change) to every
+    log, and warns once, at the first log at or after `check_fraction` of the run (or of `check_step` steps), when that
+    fraction is below `min_fraction`: the learning rate is then too small for the update to reach half a
+    quantization step in this run.
+
+    Args:
+        min_fraction: warn below this fraction of changed codes (default 1e-4).
+        check_fraction: when to check, as a fraction of the run's optimizer steps (default 0.2).
+        check_step: check at this step instead (an int ≥ 1).
+    """
+
+    def __init__(
+        self, min_fraction: float = MIN_FRACTION, check_fraction: float = 0.2, check_step: int | None = None
+    ) -> None:
+        if not 0 <= min_fraction < 1:
+            raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction!r}.")
+        if not 0 < check_fraction <= 1:
+            raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction!r}.")
+        if check_step is not None and (
+            isinstance(check_step, bool) or not isinstance(check_step, int) or check_step < 1
+        ):
+            raise ValueError(f"check_step must be an int >= 1 or None, got {check_step!r}.")
+        self.min_fraction, self.check_fraction, self.check_step = min_fraction, check_fraction, check_step
+        self.model = None
+        self.checked = False
+        self.last = None  # the CodeChanges of the last log
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or not has_quantization_aware_layers(model):
+            raise ValueError(
+                "QuantizationAwareCallback needs a model with QA-SparsePEFT layers (SparsePEFTConfig(..., "
+                f"quantization_aware=True) on a GPTQ base); got {type(model).__name__}. Remove the callback."
+            )
+        self.model, self.checked = model, False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.model is None or logs is None or "loss" not in logs:
+            return
+        self.last = codes_changed(self.model)
+        logs["qa_codes_changed"] = self.last.fraction
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1]["qa_codes_changed"] = self.last.fraction
+        check_at = self.check_step or max(1, round(self.check_fraction * state.max_steps))
+        if not self.checked and state.global_step >= check_at:
+            self.checked = True
+            if self.last.fraction < self.min_fraction:
+                warnings.warn(
+                    f"QA-SparsePEFT: after {state.global_step} of {state.max_steps} steps at learning rate "
+                    f"{args.learning_rate:g}, the adapter changes {self.last} (below {self.min_fraction:.2%}): its "
+                    "update is under half a quantization step almost everywhere, so it is rounded away and the "
+                    f"merged INT model is the base. Use a larger learning rate (about {RECOMMENDED_LR:g} for rank-8 "
+                    "adapters on INT4; see docs/quantization.md) or more steps.",
+                    stacklevel=2,
+                )
