@@ -42,10 +42,19 @@ class CommandError(Exception):
 # ------------------------------------------------------------------------------------------ inputs and outputs
 
 
+def compute_dtype(args: argparse.Namespace):
+    """The dtype of commands that compute with a model (train, eval, search): float32 unless --bf16, whatever the
+    checkpoint's config says (an INT4 checkpoint may say bfloat16, which CPUs without bfloat16 units run several
+    times slower). Commands that write a model (sparsify, export) keep the checkpoint's dtype ("auto")."""
+    import torch
+
+    return torch.bfloat16 if args.bf16 else torch.float32
+
+
 def load_model(name_or_path: str, dtype="auto", verbose: bool = False):
     """A causal LM and its tokenizer from a hub id, a local folder, a `.gguf` file or `smollm2`
-    (`peft_elastic.resolve_model`), in `dtype` (default "auto": the dtype its checkpoint was saved in; `train` asks
-    for float32, or bfloat16 with --bf16, whatever the checkpoint says). For a GPTQ checkpoint, gptqmodel is imported
+    (`peft_elastic.resolve_model`), in `dtype` (default "auto": the dtype its checkpoint was saved in, for commands
+    that write a model; the others pass `compute_dtype(args)`). For a GPTQ checkpoint, gptqmodel is imported
     with the environment variables it sets restored, and its banner and logs are hidden for the rest of the command
     unless `verbose`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -337,12 +346,13 @@ SUBNETWORKS = ("active", "heuristic", "maximal", "minimal")
 EXPORTS = ("sub-adapter", "merged", "compressed")
 
 
-def load_adapter(base: str, adapter: str):
-    """A PeftModel: the adapter folder (any of this package's tuner types, or stock PEFT) on the base model."""
+def load_adapter(base: str, adapter: str, dtype="auto", verbose: bool = False):
+    """A PeftModel: the adapter folder (any of this package's tuner types, or stock PEFT) on the base model, loaded
+    as `load_model` does."""
     from peft import PeftModel
 
     check_adapter(adapter)
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, dtype=dtype, verbose=verbose)
     return PeftModel.from_pretrained(model, adapter), tokenizer
 
 
@@ -460,7 +470,7 @@ def export_command(args: argparse.Namespace) -> None:
 
     if args.uniform_rank is not False and args.kind != "sub-adapter":
         raise CommandError(f"--uniform-rank writes a LoRA adapter's ranks; it does not apply to --as {args.kind}")
-    model, tokenizer = load_adapter(args.base, args.adapter)
+    model, tokenizer = load_adapter(args.base, args.adapter, verbose=args.verbose)
     subnetwork = choose_subnetwork(model, args.subnetwork)
     if subnetwork is None and args.kind != "merged":
         raise CommandError(f"--as {args.kind} needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
@@ -491,7 +501,7 @@ def export_command(args: argparse.Namespace) -> None:
 def search_command(args: argparse.Namespace) -> None:
     from .search import ExactMatchEvaluator, LossEvaluator, run_search
 
-    model, tokenizer = load_adapter(args.base, args.adapter)
+    model, tokenizer = load_adapter(args.base, args.adapter, compute_dtype(args), args.verbose)
     if choose_subnetwork(model, "active") is None:
         raise CommandError("search needs an elastic adapter (ElasticLoraConfig or NLSConfig)")
     if args.answer_column is None:
@@ -527,12 +537,12 @@ def eval_command(args: argparse.Namespace) -> None:
     if (args.dataset is None) == (args.tasks is None):
         raise CommandError("give either --dataset (loss or exact match) or --tasks (lm-evaluation-harness), not both")
     if args.adapter is not None:
-        model, tokenizer = load_adapter(args.model, args.adapter)
+        model, tokenizer = load_adapter(args.model, args.adapter, compute_dtype(args), args.verbose)
         subnetwork = choose_subnetwork(model, args.subnetwork)
     elif args.subnetwork != "active":
         raise CommandError(f"--subnetwork {args.subnetwork}: only with --adapter")
     else:
-        (model, tokenizer), subnetwork = load_model(args.model), None
+        (model, tokenizer), subnetwork = load_model(args.model, compute_dtype(args), args.verbose), None
     if args.tasks is not None:
         evaluate = LMEvalEvaluator(
             args.tasks.split(","), tokenizer, metric=args.metric, include_path=args.include_path, limit=args.limit
@@ -601,10 +611,7 @@ def train_command(args: argparse.Namespace) -> None:
         columns = [(args.text_column, "--text-column"), (args.completion_column, "--completion-column")]
         data = load_columns(args.dataset, columns, args.split)
         rows = [{"prompt": str(row[args.text_column]), "completion": str(row[args.completion_column])} for row in data]
-    # float32 unless --bf16, whatever the checkpoint's config says (an INT4 checkpoint may say bfloat16, which CPUs
-    # without bfloat16 units run several times slower)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, verbose=args.verbose)
+    model, tokenizer = load_model(args.model, dtype=compute_dtype(args), verbose=args.verbose)
     with output_folder(args.output, args.overwrite) as folder, tempfile.TemporaryDirectory() as scratch:
         trainer = ElasticSFTTrainer(
             model=model,
@@ -723,6 +730,15 @@ def _add_adapter_io(parser: argparse.ArgumentParser, adapter_help: str) -> None:
     )
 
 
+def _add_bf16(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--bf16", action="store_true", help=f"load the model in bfloat16 and {what} (default: "
+                        "float32, whatever dtype the checkpoint was saved in)")  # fmt: skip
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="GPTQ models: show gptqmodel's banner and logs")
+
+
 def _add_dataset(
     parser: argparse.ArgumentParser,
     help_text: str,
@@ -808,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sub-adapter: write every module at one rank, zero-padded (R, default the subnetwork's largest), for "
         "servers that want uniform ranks; the outputs are the same",
     )
+    _add_verbose(export)
     export.set_defaults(run=export_command)
 
     search = commands.add_parser(
@@ -828,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0, help="default: 0")
     search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
     search.add_argument("--storage", help="an optuna storage URL to resume from (default: OUTPUT/search.db)")
+    _add_bf16(search, "evaluate")
+    _add_verbose(search)
     search.set_defaults(run=search_command)
 
     train = commands.add_parser(
@@ -856,11 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive, default=8, help="per device (default 8)")
     train.add_argument("--gradient-accumulation-steps", type=_positive, default=1, help="default: 1")
     train.add_argument("--seed", type=int, default=0, help="default: 0")
-    train.add_argument(
-        "--bf16", action="store_true", help="load the model in bfloat16 and train with bfloat16 mixed precision "
-        "(default: float32, whatever dtype the checkpoint was saved in)",
-    )  # fmt: skip
-    train.add_argument("--verbose", action="store_true", help="GPTQ models: show gptqmodel's banner and logs")
+    _add_bf16(train, "train with bfloat16 mixed precision")
+    _add_verbose(train)
     train.set_defaults(run=train_command)
 
     evaluate = commands.add_parser(
@@ -884,6 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metric", default="acc", help="the lm-evaluation-harness metric (default: acc)")
     evaluate.add_argument("--limit", type=_positive, help="evaluate at most this many examples (per task)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_bf16(evaluate, "evaluate")
+    _add_verbose(evaluate)
     evaluate.set_defaults(run=eval_command)
 
     demo = commands.add_parser(

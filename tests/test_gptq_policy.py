@@ -190,6 +190,33 @@ def test_cli_trains_an_int4_model_in_float32_unless_bf16(checkpoints, tmp_path, 
     assert seen == {"dtype": torch.bfloat16 if bf16 else torch.float32, "bf16": bf16}
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cli_evaluates_an_int4_model_in_float32_unless_bf16(checkpoints, tmp_path, monkeypatch, capsys, bf16):
+    """eval (and search, which shares `compute_dtype`) compute in float32 whatever the checkpoint says."""
+    import peft_elastic.search
+    from peft_elastic.cli import main
+
+    _, int4, _ = checkpoints["bfloat16"]
+    seen = {}
+
+    class Recording:
+        direction = "minimize"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, model):
+            seen["dtype"] = model.dtype
+            return 1.0
+
+    monkeypatch.setattr(peft_elastic.search, "LossEvaluator", Recording)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS[:4]))
+    assert main(["eval", str(int4), "--dataset", str(data), "--quiet"] + (["--bf16"] if bf16 else [])) == 0
+    assert seen == {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["value"] == 1.0
+
+
 def test_cli_trains_on_an_int4_model_quietly(checkpoints, tmp_path, capfd):
     from peft_elastic.cli import main
 
