@@ -160,21 +160,59 @@ def test_search_strategies_quick_run_writes_its_section(tmp_path):
     assert "Subnetwork switch: at most" in text and "Mean hypervolume:" in text
 
 
-def test_real_llm_quick_run_writes_its_section(tmp_path):
-    """The real-model benchmark's code paths, on a tiny Llama saved as a folder (the benchmark itself runs SmolLM2)."""
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama and a word tokenizer of the demo's task, saved as a folder: the real-model benchmarks' code paths
+    (the benchmarks themselves run SmolLM2)."""
     from peft_elastic.demo.task import splits
     from peft_elastic.toy import tiny_llama, train_tokenizer
 
+    folder = tmp_path_factory.mktemp("tiny") / "model"
     texts = [p["prompt"] + p["completion"] for p in splits(200, 10, 10)["train"]]
     tokenizer = train_tokenizer(texts, vocab_size=96, words=True)
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_benchmark(name: str, args: list[str], results: Path) -> str:
+    results.write_text("# Benchmark results\n\nKept as it is.\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    marker = name.removesuffix(".py")
+    assert text.startswith(f"# Benchmark results\n\nKept as it is.\n\n<!-- {marker}:start -->\n")
+    assert text.rstrip().endswith(f"<!-- {marker}:end -->")
+    assert f"`python benchmarks/{name} {' '.join(args)}`" in text
+    return text
+
+
+def test_qa_threshold_quick_run_writes_its_section(tiny_folder, tmp_path):
+    args = ["--quick", "--model", str(tiny_folder), "--work", str(tmp_path / "work"), "--results"]
+    text = run_benchmark("qa_threshold.py", [*args, str(tmp_path / "R.md")], tmp_path / "R.md")
+    assert "| learning rate | codes changed @ 1 | codes changed @ 2 | validation loss @ 2 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0.0003 |")]
+    assert len(rows) == 1 and rows[0].count("%") == 2
+
+
+def test_profile_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
+    args = ["--model", str(tiny_folder), "--rounds", "1", "--n-validation", "4", "--results"]
+    text = run_benchmark("profile_real_llm.py", [*args, str(tmp_path / "R.md")], tmp_path / "R.md")
+    assert "| LoRA step |" in text and "| 1.00x [1.00, 1.00] |" in text
+    assert "| Mode B sandwich step (max, 2 random, min) |" in text
+    assert "| reorder_by_importance (activation) |" in text
+    assert "| heuristic subnetwork exported (smaller model) |" in text
+    assert text.count("| operator | calls | self CPU ms | share |") == 2
+
+
+def test_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nKept as it is.\n")
     args = [
         "--quick",
         "--model",
-        str(tmp_path / "model"),
+        str(tiny_folder),
         "--results",
         str(results),
         "--output",

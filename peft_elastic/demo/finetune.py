@@ -19,13 +19,16 @@ from ..training import ElasticSFTTrainer, SubnetworkSamplingCallback
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
     """The same budget for every method: `steps` optimizer steps of `batch_size` problems, AdamW at `learning_rate`
-    with warm-up and cosine decay, adapters of rank `r` (elastic ones: `rank_choices` r, 3r/4, r/2)."""
+    with warm-up and cosine decay, adapters of rank `r` (elastic ones: `rank_choices` r, 3r/4, r/2).
+    `qa_learning_rate`: QA-SparsePEFT's rate (None: `learning_rate`) — its update must reach half a quantization
+    step to change a code, which needs a larger rate than float adapters (docs/quantization.md)."""
 
     steps: int = 300
     batch_size: int = 16
     learning_rate: float = 4e-3
     r: int = 8
     seed: int = 0
+    qa_learning_rate: float | None = None
 
     @property
     def rank_choices(self) -> list[int]:

@@ -98,9 +98,9 @@ def sqft_table(
         log(f"  {row.method}: {row.accuracy:.1%}{perplexity} ({row.seconds:.0f} s)")
         return row
 
-    def tune(base, config, strategy="random"):
+    def tune(base, config, strategy="random", budget=settings):
         """Fine-tune on the training split; elastic adapters come back at their heuristic subnetwork."""
-        tuned = finetune(base, config, tokenizer, data["train"], settings, strategy, log)
+        tuned = finetune(base, config, tokenizer, data["train"], budget, strategy, log)
         return tuned if strategy is None else heuristic(tuned)
 
     def sparse_base():
@@ -137,7 +137,9 @@ def sqft_table(
     sqft.save_pretrained(out / "sqft-int4-nls-adapter")
     add("sqft", "SQFT (INT4 + FP adapter)", sqft, int4_sparsity, None, "INT4 + FP32")
 
-    qa = tune(load_gptq(out / "sparse-int4"), elastic(SparsePEFTConfig, settings, quantization_aware=True))
+    qa_budget = dataclasses.replace(settings, learning_rate=settings.qa_learning_rate or settings.learning_rate)
+    qa_config = elastic(SparsePEFTConfig, settings, quantization_aware=True)
+    qa = tune(load_gptq(out / "sparse-int4"), qa_config, budget=qa_budget)
     qa.merge_and_unload().save_pretrained(out / "sqft-qa-int4-merged")
     tokenizer.save_pretrained(out / "sqft-qa-int4-merged")
     merged = load_gptq(out / "sqft-qa-int4-merged")  # scored as reloaded: the checkpoint is the deliverable
