@@ -161,7 +161,19 @@ def command() -> str:
     return shlex.join(["python", "benchmarks/real_llm.py", *sys.argv[1:]])
 
 
-def section(results: dict, steps: str, step_seconds: float) -> str:
+def search_overhead(output: Path) -> str:
+    """The Mode B search's own time (sampler, subnetwork switches, cost) against its evaluations, from the saved
+    result."""
+    timing = json.loads((output / "lonas-search.json").read_text())["timing"]
+    overhead = timing["total_seconds"] - timing["evaluate_seconds"]
+    return (
+        f"{timing['evaluations']} evaluations in {timing['evaluate_seconds']:.0f} s; the search's own time (sampler, "
+        f"{timing['switch_seconds']:.2f} s of subnetwork switches, {timing['cost_seconds']:.2f} s of cost) "
+        f"{overhead:.2f} s, {timing['overhead_fraction']:.2%} of the evaluations"
+    )
+
+
+def section(results: dict, steps: str, step_seconds: float, search: str) -> str:
     settings = results["settings"]
     f, s = settings["finetune"], settings["search"]
     config = json.loads((Path(results["base"]["folder"]) / "config.json").read_text())
@@ -200,6 +212,8 @@ def section(results: dict, steps: str, step_seconds: float) -> str:
 ### Table 1 shape (LoNAS)
 
 {lonas}
+
+Search overhead on this {config["num_hidden_layers"]}-layer model: {search}.
 
 ### Against the papers' findings
 
@@ -258,7 +272,7 @@ def main(argv=None) -> None:
     steps = step_table(methods, per_round)
     step_seconds = time.perf_counter() - start
     print("\n" + steps)
-    write_section(args.results, section(results, steps, step_seconds), MARKERS)
+    write_section(args.results, section(results, steps, step_seconds, search_overhead(output)), MARKERS)
     print(f"\nWrote the section to {args.results}; artefacts in {output}")
 
 

@@ -42,6 +42,7 @@ from peft_elastic import (
     num_adapter_parameters,
     set_subnetwork,
 )
+from peft_elastic.search.latency import quartiles
 from peft_elastic.toy import tiny_llama
 
 THREADS = 2
@@ -212,14 +213,6 @@ def run(variants: list[Variant], setup: Setup, input_ids: torch.Tensor) -> list[
 
 # -----------------------------------------------------------------------------
 # statistics and report
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile)."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def summarize(variants: list[Variant], per_round: list[list[float]]) -> list[dict]:

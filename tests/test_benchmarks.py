@@ -226,6 +226,7 @@ def test_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
     assert text.rstrip().endswith("<!-- real_llm:end -->")
     assert f"`python benchmarks/real_llm.py {' '.join(args)}`" in text
     assert "| LoRA merged, re-pruned to 50% |" in text and "| perplexity |" in text
+    assert "-layer model: " in text and "evaluations in" in text and "% of the evaluations" in text
     steps = [line for line in text.splitlines() if line.startswith("| ") and "x [" in line]
     assert [line.split(" | ")[0] for line in steps] == [
         "| LoRA",

@@ -307,20 +307,28 @@ def test_exact_match_evaluator_scores_generated_answers():
 
 
 def test_latency_and_macs_costs(model, monkeypatch):
-    from peft_elastic.cost import Latency
-    from peft_elastic.search import run as run_module
+    from peft_elastic.search.latency import RelativeLatency
 
     evaluator = Synthetic(model)
     calls = []
 
-    def fake_latency(m, seq_len, warmup, repeats):  # the measurement runs with the trial's subnetwork active
-        calls.append((peft_elastic.get_subnetwork(m), seq_len))
-        return Latency(median=float(peft_elastic.num_adapter_parameters(m)), min=0.0, times=(0.0,))
+    def fake_time(self, m, subnetwork):  # a forward "takes" as long as the adapter parameters it uses
+        peft_elastic.set_subnetwork(m, subnetwork)
+        calls.append((peft_elastic.get_subnetwork(m), tuple(self.input_ids.shape)))
+        return float(peft_elastic.num_adapter_parameters(m))
 
-    monkeypatch.setattr(run_module, "measure_latency", fake_latency)
+    monkeypatch.setattr(RelativeLatency, "_time", fake_time)
     result = run_search(model, evaluator, "random", "latency", n_trials=5, seed=3, seq_len=16, progress=False)
-    assert [c[0] for c in calls] == [t["subnetwork"] for t in result.trials] and {c[1] for c in calls} == {16}
-    assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
+    maximal = adapter_params(model, peft_elastic.maximal_subnetwork(model))
+    measured = [c[0] for c in calls if c[0] != peft_elastic.maximal_subnetwork(model)]
+    assert {json.dumps(s, sort_keys=True) for s in measured} <= {
+        json.dumps(t["subnetwork"], sort_keys=True) for t in result.trials
+    }
+    assert {c[1] for c in calls} == {(1, 16)}
+    assert [t["cost"] for t in result.trials] == [
+        pytest.approx(adapter_params(model, t["subnetwork"]) / maximal) for t in result.trials
+    ]
+    assert all(t["cost_spread"] == [pytest.approx(t["cost"])] * 2 for t in result.trials)
     result = run_search(model, evaluator, "heuristic", "adapter_params", progress=False)
     assert [t["cost"] for t in result.trials] == [adapter_params(model, t["subnetwork"]) for t in result.trials]
     with pytest.warns(UserWarning, match="cost='macs' is the same for every subnetwork"):

@@ -4,6 +4,7 @@ Needs the `search` extra (optuna, matplotlib)."""
 
 from .evaluators import ExactMatchEvaluator, LossEvaluator, extract_answer
 from .harness import LMEvalEvaluator
+from .latency import RelativeLatency
 from .result import SearchResult
 from .run import COSTS, run_search
 from .strategies import STRATEGIES
@@ -14,6 +15,7 @@ __all__ = [
     "ExactMatchEvaluator",
     "LMEvalEvaluator",
     "LossEvaluator",
+    "RelativeLatency",
     "SearchResult",
     "extract_answer",
     "run_search",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from ..cost import CostModel, measure_latency
+from ..cost import CostModel
 from ..subnetwork import (
     _groups,
     apply_subnetwork,
@@ -24,6 +24,7 @@ from ..subnetwork import (
     set_subnetwork,
 )
 from ..tuners.elastic_lora.space import RankGroup
+from .latency import RelativeLatency
 from .result import SearchResult
 from .strategies import (
     MAX_REPEATS,
@@ -57,8 +58,9 @@ def run_search(
 ) -> SearchResult:
     """Search the subnetworks of `model` (a PeftModel with an elastic adapter) for the best trade-offs between
     `evaluate(model)` (a float; its `direction` attribute, else `direction=`, says whether lower or higher is better)
-    and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`; "latency", the median of 5
-    forward passes of `seq_len` tokens through the super-network with the subnetwork active; "adapter_params", the
+    and `cost` ("params" or "macs" of the deployed subnetwork, see `peft_elastic.cost`; "latency", the subnetwork's
+    forward time through the super-network over the maximal subnetwork's, the median ratio of interleaved rounds
+    (`RelativeLatency`; its quartiles are kept in each trial's `cost_spread`); "adapter_params", the
     adapter parameters it uses (what Shears compares: with rank choices only, every subnetwork deploys as a model of
     the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` is
     the number of trials of the study: evaluated subnetworks, each a different one (complete or failed by its
@@ -170,6 +172,9 @@ def run_search(
             tick = time.perf_counter()
             value = measure(model, subnetwork)
             timing["cost_seconds"] += time.perf_counter() - tick
+            spread = getattr(measure, "last", None)  # RelativeLatency: the quartiles of its ratio
+            if spread is not None:
+                trial.set_user_attr("cost_spread", spread["quartiles"])
             timing["evaluations"] += 1
             if isinstance(metric, bool) or not isinstance(metric, (int, float)) or not math.isfinite(metric):
                 trial.set_user_attr("failure", f"the evaluator returned {metric!r}")
@@ -204,9 +209,9 @@ def _cost_function(model: nn.Module, cost, seq_len: int, adapter_name: str | Non
         if cost == "macs":
             return lambda model, subnetwork: costs.macs(subnetwork, seq_len)
         return lambda model, subnetwork: costs.adapter_params(subnetwork)
-    # the super-network's forward with the subnetwork active (sliced, adapters unmerged): a proxy of the exported
-    # model's latency that needs no export
-    return lambda model, subnetwork: measure_latency(model, seq_len=seq_len, warmup=1, repeats=5).median
+    # the super-network's forward with the subnetwork active (sliced, adapters unmerged), relative to the maximal
+    # subnetwork's in interleaved rounds: a proxy of the exported model's latency that needs no export
+    return RelativeLatency(model, adapter_name, seq_len=seq_len)
 
 
 def _requeue_interrupted(study, space) -> None:
@@ -283,6 +288,8 @@ def _result(study, space, direction, cost_name, strategy, seeds, timing, stopped
                 "seconds": seconds,
             }
         )
+        if "cost_spread" in t.user_attrs:
+            trials[-1]["cost_spread"] = t.user_attrs["cost_spread"]
     reference = next((t for t in trials if t["state"] == "complete" and t["subnetwork"] == seeds["maximal"]), None)
     heuristic = next((t for t in trials if t["state"] == "complete" and t["subnetwork"] == seeds["heuristic"]), None)
     return SearchResult(
