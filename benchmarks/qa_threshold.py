@@ -8,15 +8,17 @@ learning rate and the number of steps — on SmolLM2-135M-Instruct (50% Wanda, G
 A code moves only when `|ΔW / S| ≥ ½` (half a quantization step of its group), so an adapter whose update stays
 below that is rounded away: the QA forward, and the merge, are the base. For each learning rate the same QA-SparsePEFT
 adapter (rank 8, alpha 16, q/k/v/o/gate/up/down, AdamW, cosine with warm-up) is trained with TRL's SFTTrainer on the
-demo's word problems, and at a few steps the script records the fraction of codes the merge would write
-(`codes_changed`) and the loss of the validation problems; each learning rate starts from the same INT4 base and
-seed. The figures go to RESULTS.md and docs/quantization.md quotes them.
+demo's word problems; at a few steps the script records the fraction of codes the merge would write
+(`codes_changed`), and at the end the loss of 24 validation problems; each learning rate starts from the same INT4
+base and seed. `--work` keeps the INT4 bases and each run's figures, so that a later invocation (other learning rates,
+`--skip`) reuses them. The figures go to RESULTS.md and docs/quantization.md quotes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shlex
 import sys
 import tempfile
@@ -44,7 +46,7 @@ MARKERS = ("<!-- qa_threshold:start -->", "<!-- qa_threshold:end -->")
 
 
 class Recorder(TrainerCallback):
-    """Codes changed and validation loss at the chosen optimizer steps."""
+    """Codes changed at the chosen optimizer steps, and the validation loss at the last of them."""
 
     def __init__(self, model, at: set[int], evaluate) -> None:
         self.model, self.at, self.evaluate, self.points = model, at, evaluate, []
@@ -52,7 +54,9 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.at:
             changes = codes_changed(self.model)
-            self.points.append((state.global_step, changes.fraction, changes.changed, self.evaluate(self.model)))
+            loss = self.evaluate(self.model) if state.global_step == max(self.at) else None
+            self.points.append((state.global_step, changes.fraction, changes.changed, loss))
+            print(f"  step {state.global_step}: {changes}, validation loss {loss}", flush=True)
             self.model.train()
 
 
@@ -100,6 +104,7 @@ def train_one(int4: Path, data: dict, lr: float, steps: int, batch: int, at: set
             max_length=128,
             seed=0,
             use_cpu=True,
+            gradient_checkpointing=False,  # as the demo trains (SFTConfig's default recomputes every forward)
             save_strategy="no",
             report_to=[],
             logging_steps=1,
@@ -143,7 +148,10 @@ def table(name: str, group_size: int, untuned: float, runs: list[dict], steps: i
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["smollm2", "toy"], help="models (default: smollm2 toy)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 2e-3, 4e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 2e-3, 4e-3], help="learning rates")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], metavar="MODEL:LR", help="pairs not to run, e.g. smollm2:0.0003 (time)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="2 steps, 1 learning rate: a smoke run")
@@ -164,12 +172,24 @@ def main(argv=None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(int4)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        texts = [p["prompt"] + p["completion"] for p in data["validation"][:48]]
-        evaluate = LossEvaluator(texts, tokenizer, max_length=128, num_samples=4 if args.quick else 48)
-        untuned = evaluate(load_gptq(int4))
+        texts = [p["prompt"] + p["completion"] for p in data["validation"][:24]]
+        evaluate = LossEvaluator(texts, tokenizer, max_length=128, num_samples=4 if args.quick else 24)
+        untuned_record = work / f"untuned-{Path(str(int4)).name}-{len(evaluate.batches)}.json"
+        if untuned_record.is_file():
+            untuned = json.loads(untuned_record.read_text())
+        else:
+            untuned = evaluate(load_gptq(int4))
+            untuned_record.write_text(json.dumps(untuned) + "\n")
         runs = []
         for lr in lrs:
-            runs.append(train_one(int4, data, lr, steps, args.batch_size, at, evaluate))
+            if f"{model}:{lr:g}" in args.skip:
+                continue
+            record = work / f"run-{Path(str(int4)).name}-lr{lr:g}-{steps}x{args.batch_size}.json"
+            if record.is_file():  # measured by an earlier invocation with the same --work
+                runs.append(json.loads(record.read_text()))
+            else:
+                runs.append(train_one(int4, data, lr, steps, args.batch_size, at, evaluate))
+                record.write_text(json.dumps(runs[-1]) + "\n")
             print(f"{model} lr {lr:g}: {runs[-1]['points']}", flush=True)
         name = "SmolLM2-135M-Instruct" if model == "smollm2" else ("the demo's toy base" if model == "toy" else model)
         parts.append(table(name, group_size, untuned, runs, steps, args.batch_size))
@@ -183,7 +203,7 @@ def main(argv=None) -> None:
 - QA-SparsePEFT rank 8, alpha 16 on q/k/v/o/gate/up/down, TRL SFTTrainer (completion loss), AdamW, cosine with
   warm-up, seed 0; "codes changed": the fraction of the INT4 weights of the adapted layers that the merge would
   write differently (`peft_elastic.tuners.sparse_peft.monitor.codes_changed`); validation loss: the mean token loss of
-  48 validation problems (prompt and answer)
+  24 validation problems (prompt and answer)
 
 {body}
 {MARKERS[1]}

@@ -179,6 +179,8 @@ def section(results: dict, steps: str, step_seconds: float, search: str) -> str:
     config = json.loads((Path(results["base"]["folder"]) / "config.json").read_text())
     sqft = sqft_markdown([Row(**row) for row in results["table2"]])
     lonas = lonas_markdown([CostRow(**row) for row in results["table1"]])
+    qa_row = next(row for row in results["table2"] if row["key"] == "qa_sparse_peft")
+    qa_codes = "n/a" if qa_row.get("codes_changed") is None else f"{qa_row['codes_changed']:.2%}"
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["stages"].items())
     findings = "\n".join(results["findings"])
     return f"""{MARKERS[0]}
@@ -199,7 +201,9 @@ def section(results: dict, steps: str, step_seconds: float, search: str) -> str:
   {settings["perplexity_samples"]} held-out pydoc texts of at most 256 tokens (`pydoc_texts("heldout")`)
 - Calibration (Wanda 50%, GPTQ 4-bit groups of {settings["gptq_group_size"]}, importance ordering):
   {settings["calibration_samples"]} pydoc calibration texts of 128 tokens
-- Fine-tuning, every method: {f["steps"]} steps of {f["batch_size"]}, learning rate {f["learning_rate"]}, cosine, rank
+- Fine-tuning, every method: {f["steps"]} steps of {f["batch_size"]}, learning rate {f["learning_rate"]}
+  (QA-SparsePEFT {f["qa_learning_rate"] or f["learning_rate"]}: see docs/quantization.md; its merge changed
+  {qa_codes} of the INT4 codes), cosine, rank
   {f["r"]} (elastic {f["r"]}/{3 * f["r"] // 4}/{f["r"] // 2}, heuristic subnetwork) on q/k/v/o/gate/up/down; Mode B:
   {s["steps"]} {s["strategy"]} steps, NSGA-II {s["trials"]} trials on validation accuracy, cost MACs; latency batch 8 x
   64 tokens, {s["latency_rounds"]} rounds side by side

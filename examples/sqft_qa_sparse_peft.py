@@ -46,6 +46,7 @@ from peft_elastic.quantization.layers import codes, zero_format
 from peft_elastic.search import LossEvaluator
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import STRATEGIES, ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.tuners.sparse_peft.monitor import QA_LEARNING_RATE
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # Shears/SQFT's (Llama names)
 BITS = 4
@@ -102,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
     parser.add_argument(
-        "--learning-rate", type=float, default=None, help="(default: 1e-2 for the tiny model, 3e-4 with --model)"
+        "--learning-rate", type=float, default=None, help="(default: 1e-2 for the tiny model, 2e-3 with --model)"
     )
     parser.add_argument(
         "--output-dir", default="out/sqft-qa-sparse-peft", help="where to write (default: out/sqft-qa-sparse-peft)"
@@ -120,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.learning_rate is not None and args.learning_rate <= 0:
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
     if args.learning_rate is None:
-        args.learning_rate = 3e-4 if args.model else 1e-2
+        # QA-SparsePEFT's rate: its update must reach half a quantization step to change a code (docs/quantization.md)
+        args.learning_rate = QA_LEARNING_RATE if args.model else 1e-2
     return args
 
 

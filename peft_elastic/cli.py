@@ -596,6 +596,20 @@ def adapter_config(args: argparse.Namespace):
         raise CommandError(f"--method {args.method}: {_first_line(error)}") from None
 
 
+#: `train`'s default learning rate for float adapters (QA-SparsePEFT: `QA_LEARNING_RATE`).
+LEARNING_RATE = 3e-4
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    """--learning-rate, or its default: 3e-4, and for --quantization-aware the QA-SparsePEFT rate (an update must
+    reach half a quantization step to change a code; docs/quantization.md)."""
+    from .tuners.sparse_peft.monitor import QA_LEARNING_RATE
+
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return QA_LEARNING_RATE if args.quantization_aware else LEARNING_RATE
+
+
 def train_command(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
@@ -620,7 +634,7 @@ def train_command(args: argparse.Namespace) -> None:
                 max_steps=args.max_steps,
                 per_device_train_batch_size=args.batch_size,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
-                learning_rate=args.learning_rate,
+                learning_rate=learning_rate(args),
                 max_length=args.max_length,
                 seed=args.seed,
                 bf16=args.bf16,
@@ -675,6 +689,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
     return value
 
 
@@ -871,7 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quantization-aware", action="store_true", help="sparse-peft on a GPTQ model: QA-SparsePEFT")
     train.add_argument("--sampler", choices=sorted(SAMPLERS), default="random", help="default: random")
     train.add_argument("--max-steps", type=_positive, default=100, help="optimizer steps (default 100)")
-    train.add_argument("--learning-rate", type=float, default=3e-4, help="default: 3e-4")
+    train.add_argument(
+        "--learning-rate", type=_positive_float, help="default: 3e-4; 2e-3 with --quantization-aware (QA-SparsePEFT)"
+    )
     train.add_argument("--batch-size", type=_positive, default=8, help="per device (default 8)")
     train.add_argument("--gradient-accumulation-steps", type=_positive, default=1, help="default: 1")
     train.add_argument("--seed", type=int, default=0, help="default: 0")

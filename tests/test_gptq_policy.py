@@ -190,6 +190,40 @@ def test_cli_trains_an_int4_model_in_float32_unless_bf16(checkpoints, tmp_path, 
     assert seen == {"dtype": torch.bfloat16 if bf16 else torch.float32, "bf16": bf16}
 
 
+@pytest.mark.parametrize(("options", "expected"), [([], 2e-3), (["--learning-rate", "5e-4"], 5e-4)])
+def test_cli_trains_qa_sparse_peft_at_its_own_default_rate(checkpoints, tmp_path, monkeypatch, options, expected):
+    """QA-SparsePEFT at the float adapters' 3e-4 changes almost no INT4 code (docs/quantization.md): the CLI's
+    default for --quantization-aware is QA_LEARNING_RATE; a rate given is kept."""
+    import peft_elastic.training
+    from peft_elastic.cli import main
+
+    _, int4, _ = checkpoints["float32"]
+    seen = {}
+
+    class Recording:
+        def __init__(self, model, args, **kwargs):
+            seen["lr"] = args.learning_rate
+            raise Stop
+
+    monkeypatch.setattr(peft_elastic.training, "ElasticSFTTrainer", Recording)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS[:8]))
+    argv = ["train", str(int4), str(tmp_path / "out"), "--dataset", str(data), "--method", "sparse-peft",
+            "--quantization-aware", "--quiet", *options]  # fmt: skip
+    with pytest.raises(Stop):
+        main(argv)
+    assert seen == {"lr": expected}
+
+
+def test_cli_refuses_a_learning_rate_that_is_not_positive(capsys):
+    from peft_elastic.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "m", "out", "--dataset", "d.jsonl", "--learning-rate", "0"])
+    assert exit_info.value.code == 2
+    assert "--learning-rate: 0 is not a positive finite number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cli_evaluates_an_int4_model_in_float32_unless_bf16(checkpoints, tmp_path, monkeypatch, capsys, bf16):
     """eval (and search, which shares `compute_dtype`) compute in float32 whatever the checkpoint says."""

@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..models import resolve_model
 from ..text import pydoc_texts
+from ..tuners.sparse_peft.monitor import QA_LEARNING_RATE
 from .base import BaseSettings, default_cache_dir, is_cached, pretrained_base
 from .finetune import FinetuneSettings, Scoring
 from .lonas import SearchSettings, lonas_table
@@ -77,7 +78,7 @@ REAL = DemoSettings(
     n_train=640,
     n_validation=48,
     n_test=200,
-    finetune=FinetuneSettings(steps=40, batch_size=8, learning_rate=1e-3, r=8),
+    finetune=FinetuneSettings(steps=40, batch_size=8, learning_rate=1e-3, r=8, qa_learning_rate=QA_LEARNING_RATE),
     search=SearchSettings(steps=40, trials=8, latency_rounds=5),
     calibration="pydoc",
     calibration_samples=32,
@@ -89,7 +90,7 @@ REAL_QUICK = dataclasses.replace(
     n_train=32,
     n_validation=4,
     n_test=8,
-    finetune=FinetuneSettings(steps=2, batch_size=2, learning_rate=1e-3, r=8),
+    finetune=FinetuneSettings(steps=2, batch_size=2, learning_rate=1e-3, r=8, qa_learning_rate=QA_LEARNING_RATE),
     search=SearchSettings(steps=2, trials=3, latency_rounds=1),
     calibration_samples=4,
     perplexity_samples=2,

@@ -81,7 +81,8 @@ def finetune(
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     log(
-        f"    {type(peft_config).__name__}: {settings.steps} steps in {time.perf_counter() - start:.0f} s, training "
+        f"    {type(peft_config).__name__}: {settings.steps} steps at learning rate {settings.learning_rate:g} in "
+        f"{time.perf_counter() - start:.0f} s, training "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     )
     return trainer.model.eval()

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 
 from .. import NLSConfig, SparsePEFTConfig, heuristic_subnetwork, measure_sparsity, quantize_gptq, set_subnetwork
 from ..sparsity import save_sparsified, sparsify
+from ..tuners.sparse_peft.monitor import codes_changed
 from .base import load_base
 from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config
 
@@ -48,6 +49,7 @@ class Row:
     hits: list[bool] = dataclasses.field(default_factory=list, repr=False)  # per test problem
     perplexity: float | None = None
     seconds: float = 0.0  # the pipeline's wall time (fine-tuning, merging, quantizing and scoring)
+    codes_changed: float | None = None  # QA-SparsePEFT: the fraction of INT4 codes its merge changed
 
 
 def load_gptq(path: Path):
@@ -140,11 +142,14 @@ def sqft_table(
     qa_budget = dataclasses.replace(settings, learning_rate=settings.qa_learning_rate or settings.learning_rate)
     qa_config = elastic(SparsePEFTConfig, settings, quantization_aware=True)
     qa = tune(load_gptq(out / "sparse-int4"), qa_config, budget=qa_budget)
+    changes = codes_changed(qa)  # what the merge writes: nothing, if the rate left the update under half a step
+    log(f"    QA-SparsePEFT at learning rate {qa_budget.learning_rate:g}: {changes}")
     qa.merge_and_unload().save_pretrained(out / "sqft-qa-int4-merged")
     tokenizer.save_pretrained(out / "sqft-qa-int4-merged")
     merged = load_gptq(out / "sqft-qa-int4-merged")  # scored as reloaded: the checkpoint is the deliverable
     sparsity = measure_sparsity(merged).sparsity
     add("qa_sparse_peft", "SQFT + QA-SparsePEFT (merged)", merged, sparsity, sparsity, "INT4")
+    rows[-1].codes_changed = changes.fraction
     (out / "table2.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 

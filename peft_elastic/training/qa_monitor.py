@@ -11,15 +11,12 @@ import warnings
 
 from transformers import TrainerCallback
 
-from ..tuners.sparse_peft.monitor import codes_changed
+from ..tuners.sparse_peft.monitor import QA_LEARNING_RATE, codes_changed
 
 #: Below this fraction of changed codes at the check step the run is warned. The learning rates measured on
 #: SmolLM2-135M and the demo's base (docs/quantization.md) give < 0.01 % when the loss stays flat and > 1 % when it
 #: falls.
 MIN_FRACTION = 1e-4
-#: The learning rate the warning recommends (docs/quantization.md: the smallest measured rate at which QA-SparsePEFT
-#: lowers the loss on both models in 30 steps).
-RECOMMENDED_LR = 2e-3
 
 
 def has_quantization_aware_layers(model) -> bool:
@@ -30,9 +27,9 @@ def has_quantization_aware_layers(model) -> bool:
 
 class QuantizationAwareCallback(TrainerCallback):
     """Adds `qa_codes_changed` (the fraction of the adapted INT weights whose code the merge would change) to every
-    log, and warns once, at the first log at or after `check_fraction` of the run (or of `check_step` steps), when that
-    fraction is below `min_fraction`: the learning rate is then too small for the update to reach half a
-    quantization step in this run.
+    log, and warns once, at the first log at or after `check_fraction` of the run's steps (but not before step 10, or
+    the end of a shorter run; or at `check_step`), when that fraction is below `min_fraction`: the learning rate is
+    then too small for the update to reach half a quantization step in this run.
 
     Args:
         min_fraction: warn below this fraction of changed codes (default 1e-4).
@@ -71,7 +68,8 @@ class QuantizationAwareCallback(TrainerCallback):
         logs["qa_codes_changed"] = self.last.fraction
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1]["qa_codes_changed"] = self.last.fraction
-        check_at = self.check_step or max(1, round(self.check_fraction * state.max_steps))
+        # not before step 10 (or the end of a shorter run): the first steps of any run change few codes
+        check_at = self.check_step or max(min(10, state.max_steps), round(self.check_fraction * state.max_steps))
         if not self.checked and state.global_step >= check_at:
             self.checked = True
             if self.last.fraction < self.min_fraction:
@@ -79,7 +77,7 @@ class QuantizationAwareCallback(TrainerCallback):
                     f"QA-SparsePEFT: after {state.global_step} of {state.max_steps} steps at learning rate "
                     f"{args.learning_rate:g}, the adapter changes {self.last} (below {self.min_fraction:.2%}): its "
                     "update is under half a quantization step almost everywhere, so it is rounded away and the "
-                    f"merged INT model is the base. Use a larger learning rate (about {RECOMMENDED_LR:g} for rank-8 "
+                    f"merged INT model is the base. Use a larger learning rate (about {QA_LEARNING_RATE:g} for rank-8 "
                     "adapters on INT4; see docs/quantization.md) or more steps.",
                     stacklevel=2,
                 )

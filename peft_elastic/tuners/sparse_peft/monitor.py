@@ -13,6 +13,12 @@ import dataclasses
 import torch
 from torch import nn
 
+#: The learning rate recommended for QA-SparsePEFT (rank-8 to rank-32 adapters on INT4 bases, AdamW): the smallest
+#: rate measured to change codes and lower the loss within 30 steps on both SmolLM2-135M and the demo's base
+#: (`benchmarks/qa_threshold.py`, docs/quantization.md). Float adapters learn at 3e-4; this one must move weights by
+#: half a quantization step before anything changes.
+QA_LEARNING_RATE = 2e-3
+
 
 @dataclasses.dataclass(frozen=True)
 class CodeChanges:
