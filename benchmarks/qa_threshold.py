@@ -104,6 +104,7 @@ def train_one(int4: Path, data: dict, lr: float, steps: int, batch: int, at: set
             max_length=128,
             seed=0,
             use_cpu=True,
+            bf16=False,  # TRL's default turns bf16 autocast on, also on CPUs (slow without bfloat16 units)
             gradient_checkpointing=False,  # as the demo trains (SFTConfig's default recomputes every forward)
             save_strategy="no",
             report_to=[],

@@ -24,6 +24,7 @@ from peft_elastic.quantization import MASK_FILE, dequantize, load_sparsity_mask
 from peft_elastic.quantization.layers import zero_format, zeros
 from peft_elastic.training import SubnetworkSamplingCallback
 from peft_elastic.tuners.sparse_peft.gptq import GPTQLinear, QAGPTQLinear
+from peft_elastic.tuners.sparse_peft.quantized import merged_codes
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -459,3 +460,46 @@ def test_errors(quantized, tmp_path):
     layer.__class__ = type("MarlinQuantLinear", (type(layer),), {})
     with pytest.raises(ValueError, match="kernel-specific packed layout .* backend='gptq_torch'"):
         get_peft_model(qmodel, qa_config())
+
+
+def test_qa_forward_and_gradients_are_float32_under_bf16_autocast(quantized):
+    """TRL's SFTConfig turns on bf16 autocast by default, also on a CPU. The QA layers compute in float32 anyway: in
+    bfloat16 the update `s · B A` rounded codes differently from the merge (and the forward ran ~10x slower on a CPU
+    without bfloat16 units: 53 s against 5 s per SmolLM2 step)."""
+    path, _ = quantized(4, False)
+    model = get_peft_model(load_gptq(path), qa_config())
+    randomize_adapters(model, seed=5)
+    input_ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    layers = qa_layers(model)
+
+    def outputs(autocast: bool):
+        model.zero_grad(set_to_none=True)
+        captured = {}
+        hooks = [
+            m.register_forward_hook(lambda mod, a, out, n=n: captured.__setitem__(n, out)) for n, m in layers.items()
+        ]
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids).logits
+            logits.float().square().mean().backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return captured, grads
+
+    plain, plain_grads = outputs(False)
+    cast, cast_grads = outputs(True)
+    first = "model.layers.0.self_attn.q_proj"
+    # the first QA layer sees the same float32 input either way (the norm's): its output must be bit-identical
+    assert cast[first][0].dtype == torch.float32
+    assert cast[first][1].dtype == torch.float32 and torch.equal(cast[first][1], plain[first][1])
+    # a layer behind bf16 attention gets bfloat16 activations and returns them in that dtype, as autocast's layers do
+    assert cast["model.layers.0.self_attn.o_proj"][1].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in cast_grads.values()) and set(cast_grads) == set(plain_grads)
+    codes = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+            layer = layers[first]
+            codes[autocast] = merged_codes(layer._grid(), *factors(layer), layer.scaling["default"], layer.mask_t())
+    assert torch.equal(codes[True], codes[False])

@@ -130,13 +130,17 @@ class QuantAwareLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, scaling, grid, packed_mask_t, bias=None):
-        mask = unpack_mask(packed_mask_t, grid.scales.shape[1])
-        weight = _work(grid, x.device)
-        new_codes, flow = requantize(grid, delta_into(weight, weight_a, weight_b, scaling), mask)
-        dequantize_into(grid, new_codes, weight)
-        out = x.to(torch.float32) @ weight
-        if bias is not None:
-            out = out + bias.to(out.dtype)
+        # float32 under autocast too (TRL's SFTConfig turns bf16 autocast on by default, also on CPUs): in bfloat16
+        # the update `s · B A` would round codes differently from the merge, and on CPUs without bfloat16 units the
+        # matmul runs about ten times slower
+        with torch.autocast(x.device.type, enabled=False):
+            mask = unpack_mask(packed_mask_t, grid.scales.shape[1])
+            weight = _work(grid, x.device)
+            new_codes, flow = requantize(grid, delta_into(weight, weight_a, weight_b, scaling), mask)
+            dequantize_into(grid, new_codes, weight)
+            out = x.to(torch.float32) @ weight
+            if bias is not None:
+                out = out + bias.to(out.dtype)
         ctx.save_for_backward(x, weight_a, weight_b, new_codes, flow)
         ctx.scaling, ctx.grid = scaling, grid
         return out
@@ -144,6 +148,11 @@ class QuantAwareLowRankLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # float32, as the forward
+            return QuantAwareLowRankLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, weight_a, weight_b, new_codes, flow = ctx.saved_tensors
         scaling, grid = ctx.scaling, ctx.grid
         grad_out = grad_out.to(torch.float32)
@@ -170,7 +179,8 @@ def quant_aware_low_rank_linear(x, weight_a, weight_b, scaling, grid, packed_mas
 @torch.no_grad()
 def merged_codes(grid: QuantGrid, weight_a, weight_b, scaling: float, mask_t: torch.Tensor) -> torch.Tensor:
     """The codes `Ŵ` (in × out, int32) that the QA forward computes with, for writing into `qweight`."""
-    delta = delta_into(_work(grid, weight_a.device), weight_a, weight_b, scaling)
+    with torch.autocast(weight_a.device.type, enabled=False):
+        delta = delta_into(_work(grid, weight_a.device), weight_a, weight_b, scaling)
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("The adapter's update contains NaN or infinite values; refusing to merge it.")
     new_codes, _ = requantize(grid, delta, mask_t)
