@@ -129,6 +129,38 @@ def training_section(base_dir: Path, batch: dict, rounds: int) -> str:
     )
 
 
+def qa_section(int4: Path, batch: dict, rounds: int) -> str:
+    """A QA-SparsePEFT step against LoRA and an FP SparsePEFT-on-INT4 (SQFT) step, all on the same GPTQ base
+    (`gptq_torch`, float32)."""
+    from peft import LoraConfig
+
+    from peft_elastic import SparsePEFTConfig
+    from peft_elastic.demo.sqft import load_gptq
+
+    torch.manual_seed(0)
+    models = {
+        "LoRA step (INT4 base)": get_peft_model(
+            load_gptq(int4), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)
+        ),
+        "SQFT step (SparsePEFT FP adapter, INT4 base)": get_peft_model(
+            load_gptq(int4), SparsePEFTConfig(r=8, lora_alpha=16, target_modules=TARGETS)
+        ),
+        "QA-SparsePEFT step (INT4 base)": get_peft_model(
+            load_gptq(int4), SparsePEFTConfig(r=8, lora_alpha=16, target_modules=TARGETS, quantization_aware=True)
+        ),
+    }
+    functions = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        functions[name] = step(model, batch, optimizer)
+    times = interleaved(functions, rounds)
+    rows = [f"| {name} | {ratio_cell(times, name, 'LoRA step (INT4 base)')} |" for name in functions]
+    table = "\n".join(["| step | median s | / LoRA step [min, max] |", "|---|---:|---|", *rows])
+    ops = top_ops(functions["QA-SparsePEFT step (INT4 base)"], count=10)
+    return f"{table}\n\nOperators of one QA-SparsePEFT step:\n\n{ops}"
+
+
 def ordering_section(base_dir: Path, tokenizer, rounds: int) -> str:
     texts = pydoc_texts("calibration")[: REAL.calibration_samples]
     batches = calibration_batches(texts, tokenizer, max_length=128, num_samples=len(texts))
@@ -185,6 +217,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n-validation", type=int, default=REAL.n_validation)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--int4", type=Path, help="a sparse GPTQ INT4 checkpoint of the model: also profile QA steps")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     base_dir = Path(peft_elastic.resolve_model(args.model, default_cache_dir()))
@@ -195,6 +228,7 @@ def main(argv=None) -> None:
     batch = dict(tokenizer(texts, return_tensors="pt", truncation=True, max_length=TOKENS, padding="max_length"))
     parts = [
         ("Training steps", training_section(base_dir, batch, args.rounds)),
+        *([("QA-SparsePEFT on INT4", qa_section(args.int4, batch, args.rounds))] if args.int4 else []),
         ("Importance ordering", ordering_section(base_dir, tokenizer, args.rounds)),
         ("Search evaluation", search_section(base_dir, tokenizer, args.rounds, args.n_validation)),
     ]
