@@ -175,6 +175,22 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_folder):
+    """The tiny folder pruned to 50% by Wanda and quantized to GPTQ INT4 (groups of 32), with its sparsity mask."""
+    from peft_elastic import quantize_gptq, save_sparsified, sparsify
+    from peft_elastic.demo.base import load_base
+    from peft_elastic.text import pydoc_texts
+
+    model, tokenizer = load_base(tiny_folder)
+    texts = pydoc_texts("calibration")[:4]
+    report = sparsify(model, texts, "wanda", 0.5, tokenizer=tokenizer, max_length=64, progress=False)
+    save_sparsified(model, tiny_folder.parent / "sparse", report, tokenizer)
+    int4 = tiny_folder.parent / "int4"
+    quantize_gptq(tiny_folder.parent / "sparse", int4, texts, group_size=32, tokenizer=tokenizer, max_length=64)
+    return int4
+
+
 def run_benchmark(name: str, args: list[str], results: Path) -> str:
     results.write_text("# Benchmark results\n\nKept as it is.\n")
     command = [sys.executable, str(ROOT / "benchmarks" / name), *args]
@@ -196,14 +212,15 @@ def test_qa_threshold_quick_run_writes_its_section(tiny_folder, tmp_path):
     assert len(rows) == 1 and rows[0].count("%") == 2
 
 
-def test_profile_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
-    args = ["--model", str(tiny_folder), "--rounds", "1", "--n-validation", "4", "--results"]
+def test_profile_real_llm_quick_run_writes_its_section(tiny_folder, tiny_int4, tmp_path):
+    args = ["--model", str(tiny_folder), "--int4", str(tiny_int4), "--rounds", "1", "--n-validation", "4", "--results"]
     text = run_benchmark("profile_real_llm.py", [*args, str(tmp_path / "R.md")], tmp_path / "R.md")
     assert "| LoRA step |" in text and "| 1.00x [1.00, 1.00] |" in text
     assert "| Mode B sandwich step (max, 2 random, min) |" in text
     assert "| reorder_by_importance (activation) |" in text
     assert "| heuristic subnetwork exported (smaller model) |" in text
-    assert text.count("| operator | calls | self CPU ms | share |") == 2
+    assert "| QA-SparsePEFT step (INT4 base) |" in text and "| SQFT step (SparsePEFT FP adapter, INT4 base) |" in text
+    assert text.count("| operator | calls | self CPU ms | share |") == 3
 
 
 def test_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
