@@ -75,9 +75,9 @@ class QuantizationAwareCallback(TrainerCallback):
             if self.last.fraction < self.min_fraction:
                 warnings.warn(
                     f"QA-SparsePEFT: after {state.global_step} of {state.max_steps} steps at learning rate "
-                    f"{args.learning_rate:g}, the adapter changes {self.last} (below {self.min_fraction:.2%}): its "
-                    "update is under half a quantization step almost everywhere, so it is rounded away and the "
-                    f"merged INT model is the base. Use a larger learning rate (about {QA_LEARNING_RATE:g} for rank-8 "
-                    "adapters on INT4; see docs/quantization.md) or more steps.",
+                    f"{args.learning_rate:g}, its merge would leave the base nearly as it is — {self.last}, below "
+                    f"{self.min_fraction:.2%}. The adapter's update is under half a quantization step almost "
+                    "everywhere, so it is rounded away and the merged INT model is the base. Use a larger learning "
+                    f"rate (about {QA_LEARNING_RATE:g} with AdamW on INT4; see docs/quantization.md) or more steps.",
                     stacklevel=2,
                 )
