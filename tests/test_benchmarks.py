@@ -223,6 +223,15 @@ def test_profile_real_llm_quick_run_writes_its_section(tiny_folder, tiny_int4, t
     assert text.count("| operator | calls | self CPU ms | share |") == 3
 
 
+def test_search_overhead_real_quick_run_writes_its_section(tiny_folder, tmp_path):
+    args = ["--model", str(tiny_folder), "--trials", "4", "--results"]
+    text = run_benchmark("search_overhead_real.py", [*args, str(tmp_path / "R.md")], tmp_path / "R.md")
+    rows = [line for line in text.splitlines() if line.startswith(("| nsga2 |", "| tpe |"))]
+    assert [row.split(" | ")[:3] for row in rows] == [["| nsga2", "macs", "4"], ["| tpe", "macs", "4"],
+                                                      ["| nsga2", "latency", "4"]]  # fmt: skip
+    assert all(row.endswith("% |") for row in rows)
+
+
 def test_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nKept as it is.\n")
