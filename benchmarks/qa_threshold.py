@@ -77,9 +77,9 @@ def int4_base(model: str, work: Path, log=print) -> tuple[Path, int, list[dict]]
     if not (int4 / "config.json").is_file():
         base, tokenizer = load_base(folder)
         report = sparsify(base, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
-        save_sparsified(base, work / f"{name}-sparse", report, tokenizer)
+        save_sparsified(base, work / f"{name}-sparse", report, tokenizer, overwrite=True)  # a half-built run
         options = {"bits": 4, "group_size": group_size, "tokenizer": tokenizer, "max_length": 128}
-        quantize_gptq(work / f"{name}-sparse", int4, calibration, **options)
+        quantize_gptq(work / f"{name}-sparse", int4, calibration, overwrite=True, **options)
     return int4, group_size, data
 
 

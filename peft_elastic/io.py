@@ -66,6 +66,14 @@ def replaced_directory(directory: str | os.PathLike) -> Iterator[Path]:
 def export_directory(save_directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """`replaced_directory(save_directory)` for a library export: a new or empty `save_directory` is written, a
     non-empty one is refused unless `overwrite` (then replaced whole, only once the block has succeeded)."""
+    target = check_export_target(save_directory, overwrite)
+    with replaced_directory(target) as staging:
+        yield staging
+
+
+def check_export_target(save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`save_directory` as a Path if `export_directory` may write it (call it before expensive work); a file, or a
+    non-empty folder without `overwrite`, raises ValueError naming what it holds."""
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"save_directory {str(target)!r} exists and is not a directory.")
@@ -75,8 +83,7 @@ def export_directory(save_directory: str | os.PathLike, overwrite: bool = False)
             f"save_directory {str(target)!r} is not empty (it holds {', '.join(held[:3])}"
             f"{', ...' if len(held) > 3 else ''}); choose another folder, or pass overwrite=True to replace it whole."
         )
-    with replaced_directory(target) as staging:
-        yield staging
+    return target
 
 
 def _beside(target: Path) -> Path:

@@ -170,6 +170,12 @@ def test_quantize_gptq_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="is not a model checkpoint folder"):
         peft_elastic.quantize_gptq(tmp_path, target, CALIBRATION, tokenizer=tokenizer)
     assert not target.exists()  # nothing written by a rejected call
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "old.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*held' is not empty \(it holds old.txt\).*overwrite=True"):
+        peft_elastic.quantize_gptq(model, held, [], tokenizer=tokenizer)  # refused first, before the calibration
+    assert [p.name for p in held.iterdir()] == ["old.txt"]
 
 
 def test_sparsity_mask_file_roundtrip_and_errors(tmp_path):

@@ -185,6 +185,25 @@ def test_report_and_save(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_save_sparsified_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+    """As the other exports: a folder of files that belong together is new, or replaced whole (issue 21, point 6).
+    Before, a stale file of an earlier save (a second shard, an old report) stayed beside the new model."""
+    model = tiny_llama()
+    report = peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
+    target = tmp_path / "sparse"
+    target.mkdir()
+    (target / "model-00002-of-00002.safetensors").write_text("stale")
+    with pytest.raises(
+        ValueError, match=r"is not empty \(it holds model-00002-of-00002.safetensors\).*overwrite=True"
+    ):
+        peft_elastic.save_sparsified(model, target, report)
+    assert sorted(p.name for p in target.iterdir()) == ["model-00002-of-00002.safetensors"]  # untouched
+    peft_elastic.save_sparsified(model, target, report, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                        "sparsity_report.json"]  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_skip_modules_stay_dense():
     model = tiny_llama()
     report = peft_elastic.sparsify(model, None, "magnitude", 0.5, skip_modules=("o_proj", "down_proj"), progress=False)

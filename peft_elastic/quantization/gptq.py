@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import staged_directory
+from ..io import check_export_target, export_directory
 from ..sparsity.calibration import calibration_batches
 from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, restored_environment
 from .mask import MASK_FILE, SparsityMaskWriter, load_sparsity_mask
@@ -101,6 +101,7 @@ def quantize_gptq(
     damp_percent: float = 0.05,
     device: str | torch.device | None = None,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> QuantizationReport:
     """Quantize a causal LM with GPTQ (gptqmodel) into `save_directory`, keeping its sparsity exactly.
 
@@ -117,7 +118,9 @@ def quantize_gptq(
     `generation_config.json` is written unchanged. `verbose`: show gptqmodel's banner, logs and progress bars
     (default: none of it; the environment variables it sets on import are restored either way). Writes the
     checkpoint, the tokenizer, `sparsity_mask.safetensors` (pruned positions of every quantized layer) and
-    `quantization_report.json`, atomically; returns the report."""
+    `quantization_report.json`, atomically; returns the report. `save_directory` must be new or empty (checked before
+    any work); a non-empty one is refused unless `overwrite`, which replaces it whole."""
+    check_export_target(save_directory, overwrite)
     check_bits(bits)
     power_of_two = isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
     if not (group_size == -1 or power_of_two):
@@ -189,7 +192,7 @@ def quantize_gptq(
         _check_group_size(group_size, {name: layer.in_features for name, layer in layers.items()})
         folder = _source_folder(source)
         report = QuantizationReport(bits, group_size, sym, desc_act, dtype=str(dtype).removeprefix("torch."))
-        with staged_directory(save_directory) as staging:
+        with export_directory(save_directory, overwrite) as staging:
             # one layer at a time (memory independent of depth): its mask read from the float checkpoint, its
             # pruned weights set back to the zero-point, its mask appended to the file unless it keeps every weight
             with SparsityMaskWriter(staging / MASK_FILE) as writer:

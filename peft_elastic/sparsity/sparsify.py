@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..io import staged_directory
+from ..io import export_directory, staged_directory
 from .calibration import calibration_batches
 from .patterns import Pattern, keep_mask, parse_pattern
 from .structure import PRUNABLE, block_output, decoder_blocks, first_block_inputs, prunable_modules
@@ -227,11 +227,19 @@ def measure_sparsity(model: nn.Module) -> SparsityReport:
     return report
 
 
-def save_sparsified(model, save_directory: str | os.PathLike, report: SparsityReport | None = None, tokenizer=None):
+def save_sparsified(
+    model,
+    save_directory: str | os.PathLike,
+    report: SparsityReport | None = None,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+):
     """Save a sparsified model (safetensors), its tokenizer and `sparsity_report.json`, atomically, and check that
-    the saved weights hold the zeros of the model in memory."""
+    the saved weights hold the zeros of the model in memory. `save_directory` must be new or empty; a non-empty one is
+    refused unless `overwrite`, which replaces it whole (as the other exports do)."""
     report = report if report is not None else measure_sparsity(model)
-    with staged_directory(save_directory) as staging:
+    with export_directory(save_directory, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
