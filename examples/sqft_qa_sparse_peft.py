@@ -144,9 +144,9 @@ def main(argv=None) -> dict[str, float]:
     # 1. Prune with Wanda, save the sparse model, quantize it to INT4 with GPTQ (every zero kept, the mask stored).
     calibration = calibration_texts(make_texts(128, args.seed + 2))
     sparse = peft_elastic.sparsify(base, calibration, "wanda", args.sparsity, tokenizer=tokenizer, progress=False)
-    peft_elastic.save_sparsified(base, out / "sparse", sparse, tokenizer)
+    peft_elastic.save_sparsified(base, out / "sparse", sparse, tokenizer, overwrite=True)  # a re-run replaces it
     quantized = peft_elastic.quantize_gptq(
-        out / "sparse", out / "int4", calibration, bits=BITS, group_size=args.group_size
+        out / "sparse", out / "int4", calibration, bits=BITS, group_size=args.group_size, overwrite=True
     )
     print(quantized)
     masks = load_sparsity_mask(out / "int4")

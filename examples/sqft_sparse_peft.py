@@ -140,7 +140,7 @@ def main(argv=None) -> dict[str, float]:
     with torch.no_grad():
         tuned_logits = model(**probe).logits
     merged = model.merge_and_unload()
-    peft_elastic.save_sparsified(merged, out / "merged", tokenizer=tokenizer)  # checks the saved zeros are its own
+    peft_elastic.save_sparsified(merged, out / "merged", tokenizer=tokenizer, overwrite=True)  # checks its zeros
 
     # 4. A plain transformers model: reload it without peft_elastic's help and check it.
     reloaded = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
