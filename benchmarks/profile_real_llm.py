@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from real_llm import Method
 from step_time import RESULTS, cpu_model, write_section
 from transformers import AutoTokenizer
 
@@ -78,16 +79,10 @@ def top_ops(function, count: int = 8) -> str:
     return "\n".join(lines)
 
 
-def step(model, batch, optimizer, subnetworks=(None,)):
-    def run():
-        for subnetwork in subnetworks:
-            if subnetwork is not None:
-                peft_elastic.set_subnetwork(model, subnetwork)
-            model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
+def step(model, batch, subnetworks=None):
+    """One optimizer step of `model` on `batch` as `real_llm.py` times it (a pass per subnetwork, then AdamW)."""
+    method = Method("", model, subnetworks)
+    return lambda: method.step(batch)
 
 
 def training_section(base_dir: Path, batch: dict, rounds: int) -> str:
@@ -99,19 +94,14 @@ def training_section(base_dir: Path, batch: dict, rounds: int) -> str:
     mode_b = get_peft_model(base, config).train()
     maximal, minimal = peft_elastic.maximal_subnetwork(mode_b), peft_elastic.minimal_subnetwork(mode_b)
     middle = peft_elastic.heuristic_subnetwork(mode_b)
-    optimizers = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        for name, m in (("lora", lora), ("mode_b", mode_b))
-    }
     functions = {
-        "LoRA step": step(lora, batch, optimizers["lora"]),
-        "Mode B pass at the maximal subnetwork": step(mode_b, batch, optimizers["mode_b"], [maximal]),
-        "Mode B pass at the heuristic subnetwork": step(mode_b, batch, optimizers["mode_b"], [middle]),
-        "Mode B pass at the minimal subnetwork": step(mode_b, batch, optimizers["mode_b"], [minimal]),
+        "LoRA step": step(lora, batch),
+        "Mode B pass at the maximal subnetwork": step(mode_b, batch, [maximal]),
+        "Mode B pass at the heuristic subnetwork": step(mode_b, batch, [middle]),
+        "Mode B pass at the minimal subnetwork": step(mode_b, batch, [minimal]),
         "Mode B sandwich step (max, 2 random, min)": step(
             mode_b,
             batch,
-            optimizers["mode_b"],
             [maximal, peft_elastic.sample_subnetwork(mode_b, seed=1), peft_elastic.sample_subnetwork(mode_b, seed=2),
              minimal],
         ),
@@ -149,11 +139,7 @@ def qa_section(int4: Path, batch: dict, rounds: int) -> str:
             load_gptq(int4), SparsePEFTConfig(r=8, lora_alpha=16, target_modules=TARGETS, quantization_aware=True)
         ),
     }
-    functions = {}
-    for name, model in models.items():
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        functions[name] = step(model, batch, optimizer)
+    functions = {name: step(model, batch) for name, model in models.items()}
     times = interleaved(functions, rounds)
     rows = [f"| {name} | {ratio_cell(times, name, 'LoRA step (INT4 base)')} |" for name in functions]
     table = "\n".join(["| step | median s | / LoRA step [min, max] |", "|---|---:|---|", *rows])
