@@ -30,7 +30,7 @@ import peft_elastic
 from peft_elastic import cli
 from peft_elastic.demo.lonas import CostRow
 from peft_elastic.demo.sqft import Row
-from peft_elastic.demo.tables import lonas_markdown, sqft_markdown
+from peft_elastic.demo.tables import anatomy_markdown, lonas_markdown, sqft_markdown
 
 MARKERS = ("<!-- demo_tables:start -->", "<!-- demo_tables:end -->")
 
@@ -49,6 +49,12 @@ def section(results: dict, command: str) -> str:
         timing = f"the run took {results['seconds']:.0f} s, {base['seconds']:.0f} s of which pre-trained the base"
     sqft = sqft_markdown([Row(**row) for row in results["table2"]])
     lonas = lonas_markdown([CostRow(**row) for row in results["table1"]])
+    anatomy = anatomy_markdown(
+        [Row(**row) for row in results["table2"]] + [CostRow(**row) for row in results["table1"]]
+    )
+    if anatomy:  # runs before the anatomy existed have none
+        anatomy = f"\n### Where the answers go wrong (test split)\n\n{anatomy}\n"
+    worked = " or ".join(str(k) for k in sorted(set(b.get("worked_steps", (1, 2)))))  # results of older runs: (1, 2)
     return f"""{MARKERS[0]}
 ## The papers' tables, in shape: the offline demo (`peft-elastic demo`){quick}
 
@@ -60,7 +66,7 @@ def section(results: dict, command: str) -> str:
 - Base: a Llama of {base["parameters"]:,} parameters (hidden {b["hidden_size"]}, intermediate {b["intermediate_size"]},
   {b["num_hidden_layers"]} layers, {b["num_attention_heads"]} heads / {b["num_key_value_heads"]} KV heads, vocabulary
   {b["vocab_size"]}) pre-trained for {b["steps"]} steps of {b["batch_size"]} documents on arithmetic drills, stories
-  and {b["worked_fraction"]:.0%} worked problems of one or two steps
+  and {b["worked_fraction"]:.0%} worked problems of {worked} steps
   (loss {base["first_loss"]:.2f} -> {base["final_loss"]:.2f})
 - Task: GSM8K-shaped word problems (two or three steps of + and -; the answer is the worked calculation and
   "#### n"); {settings["n_train"]} train, {settings["n_validation"]} validation, {settings["n_test"]} test problems.
@@ -79,7 +85,7 @@ def section(results: dict, command: str) -> str:
 ### Table 1 shape (LoNAS, Mode B; the paper: LLaMA-7B on commonsense reasoning)
 
 {lonas}
-
+{anatomy}
 ### Against the papers' findings
 
 {chr(10).join(results["findings"])}

@@ -658,6 +658,19 @@ def train_command(args: argparse.Namespace) -> None:
     )
 
 
+def _quiet_libraries() -> None:
+    """For the rest of this process: transformers' and datasets' warnings and gptqmodel's banner and logs off (PEFT
+    imports gptqmodel itself when it wraps a model, printing its banner; loading a GPTQ checkpoint logs INFO lines)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from .quantization.gptqmodel_env import quiet_gptqmodel_logs
+
+    hf_logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    quiet_gptqmodel_logs()
+
+
 def demo_command(args: argparse.Namespace) -> None:
     from .demo import FULL, QUICK, REAL, REAL_QUICK, default_cache_dir, run
 
@@ -667,6 +680,8 @@ def demo_command(args: argparse.Namespace) -> None:
         resolved(args.model)  # a missing package or file: one line before any work
         settings = REAL_QUICK if args.quick else REAL
     cache_dir = args.cache_dir or default_cache_dir()
+    if not args.verbose:
+        _quiet_libraries()
     with warnings.catch_warnings():  # deprecation notices of the libraries, not the user's to act on
         warnings.simplefilter("ignore", FutureWarning)
         if args.output is None:
@@ -942,10 +957,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--model",
         help="run the pipelines on this pretrained model instead (a hub id, a folder, a .gguf file or 'smollm2'; "
-        "real-text calibration and perplexity; about an hour on 2 CPU cores for SmolLM2-135M)",
+        "real-text calibration and perplexity; 50 minutes on 2 CPU cores for SmolLM2-135M)",
     )
     demo.add_argument("--output", help="keep the models, adapters and tables here (default: a new temporary folder)")
     demo.add_argument("--overwrite", action="store_true", help="replace --output if it exists (once the run succeeds)")
+    demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' banners, logs and warnings (gptqmodel, transformers)",
+    )
     demo.add_argument("--cache-dir", type=Path, help="where the pre-trained base is cached (default: "
                       "$PEFT_ELASTIC_CACHE, else ~/.cache/peft_elastic)")  # fmt: skip
     demo.set_defaults(run=demo_command, quiet=True)  # the demo prints its own progress, one line per step

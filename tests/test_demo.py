@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -50,6 +52,55 @@ def test_problems_are_right_and_splits_disjoint():
     for text in drills:
         for a, op, b, result in EQUATION.findall(text):
             assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_worked_steps_choose_the_corpus_problems_and_key_the_cache():
+    corpus = pretraining_texts(2000, set(), seed=3, worked_fraction=0.3, worked_steps=(3,))
+    worked = [t for t in corpus if t.startswith("Question:")]
+    assert worked and all(len(EQUATION.findall(t)) == 3 for t in worked)
+    mixed = [t for t in pretraining_texts(2000, set(), seed=3, worked_fraction=0.3) if t.startswith("Question:")]
+    assert {len(EQUATION.findall(t)) for t in mixed} == {1, 2}  # the default: one or two steps
+    key = demo_base.BaseSettings().key
+    assert key() == "base-9d5675d93fe8"  # the field's default keeps the bases cached before it existed
+    assert key() == demo_base.BaseSettings(worked_steps=(1, 2)).key()
+    assert demo_base.BaseSettings(worked_steps=(1, 2, 3)).key() not in (
+        key(),
+        demo_base.BaseSettings(worked_steps=(3,)).key(),
+    )
+    for bad in ((), (0,), (2, True)):
+        with pytest.raises(ValueError, match=r"worked_steps must be a non-empty tuple of step counts >= 1, got"):
+            pretraining_texts(10, set(), worked_steps=bad)
+
+
+def test_answer_anatomy_tells_format_copying_and_arithmetic_apart():
+    from peft_elastic.demo.tables import anatomy_markdown
+    from peft_elastic.demo.task import answer_anatomy
+
+    problem = {
+        "prompt": "Question: Leo has 13 apples. He picks up 8 more. Then he loses 4. "
+        "How many apples does Leo have now?\nAnswer:",
+        "completion": " 13+8=21. 21-4=17.\n#### 17",
+    }
+    completions = [
+        " 13+8=21. 21-4=17.\n#### 17",  # right
+        " 13+8=21. 21-4=18.\n#### 18",  # the operands read right, one sum wrong
+        " 13+5=18. 18-4=14.\n#### 14",  # the amount misread, the sums right
+        " 13+8=21.\n#### 21",  # a step missing
+        " 13 + 8 is 21",  # no equation in the format, no "####"
+    ]
+    anatomy = answer_anatomy([problem] * 5, completions)
+    assert anatomy == {
+        "formatted": 4 / 5,
+        "steps": 3 / 5,
+        "operands": 6 / 10,  # of 10 expected steps: 2 + 2 + 1 + 1 + 0
+        "arithmetic": 6 / 7,  # of 7 written equations, one sum is wrong
+        "right": 1 / 5,
+    }
+    with pytest.raises(ValueError, match="Need one completion per problem"):
+        answer_anatomy([problem], [])
+    row = type("Row", (), {"method": "LoRA", "anatomy": anatomy})()
+    assert anatomy_markdown([row]).splitlines()[2] == "| LoRA | 80.0% | 60.0% | 60.0% | 85.7% | 20.0% |"
+    assert anatomy_markdown([type("Row", (), {"method": "old", "anatomy": None})()]) == ""
 
 
 def test_word_tokenizer_keeps_prompts_as_prefixes_and_digits_apart():
@@ -102,15 +153,20 @@ def test_cache_dir_default(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
+    """`python -m peft_elastic.demo --quick` as a user runs it with its output sent to files (not a terminal): the
+    return code, the output folder and the root (whose stdout.txt / stderr.txt hold what it printed)."""
     root = tmp_path_factory.mktemp("demo")
     output = root / "out"
-    code = cli.main(["demo", "--quick", "--output", str(output), "--cache-dir", str(root / "cache")])
+    command = [sys.executable, "-m", "peft_elastic.demo", "--quick", "--output", str(output), "--cache-dir",
+               str(root / "cache")]  # fmt: skip
+    with open(root / "stdout.txt", "w") as stdout, open(root / "stderr.txt", "w") as stderr:
+        code = subprocess.run(command, stdout=stdout, stderr=stderr, timeout=1200).returncode
     return code, output, root
 
 
-def test_quick_demo_tables(quick_demo, capsys):
-    code, output, _ = quick_demo
-    assert code == 0
+def test_quick_demo_tables(quick_demo):
+    code, output, root = quick_demo
+    assert code == 0, (root / "stderr.txt").read_text()[-3000:]
     results = json.loads((output / "results.json").read_text())
     table2 = {row["key"]: row for row in results["table2"]}
     assert list(table2) == [
@@ -135,6 +191,8 @@ def test_quick_demo_tables(quick_demo, capsys):
     for row in results["table2"] + results["table1"]:
         assert 0 <= row["accuracy"] <= 1 and len(row["hits"]) == 24  # one per test problem (bootstrap intervals)
         assert row["accuracy"] == sum(row["hits"]) / 24 and row["perplexity"] is None  # no real text for the toy
+        assert set(row["anatomy"]) == {"formatted", "steps", "operands", "arithmetic", "right"}
+        assert row["anatomy"]["right"] <= min(row["accuracy"], row["anatomy"]["formatted"])
     table1 = results["table1"]
     assert table1[0]["method"] == "LoRA (merged)" and table1[0]["speedup"] == 1.0
     assert (
@@ -157,6 +215,24 @@ def test_quick_demo_tables(quick_demo, capsys):
     assert config["quantization_config"]["bits"] == 4
 
 
+#: What a quiet run must not print: library banners, log records and per-batch progress lines.
+NOISE = re.compile(r"\bINFO\b|\bWARNING\b|GPTQModel|gptqmodel|it/s\]|Loading weights|%\|")
+
+
+def test_quick_demo_output_is_a_screenful_per_table(quick_demo):
+    """Sent to a file, the run prints one line per stage, the tables and the findings: under 100 lines in all, no
+    library banner, log record or progress bar on either stream."""
+    code, _, root = quick_demo
+    assert code == 0
+    out, err = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    lines = out.splitlines() + err.splitlines()
+    assert len(lines) < 100, f"{len(lines)} lines:\n" + "\n".join(lines)
+    noisy = [line for line in lines if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+    assert "| LoRA |" in out and "| LoNAS (heuristic subnetwork) |" in out  # the tables are there
+    assert re.search(r"^Done in \d+ s\.$", out, re.M)
+
+
 def test_exported_lonas_subnetwork_has_the_tabled_size(quick_demo):
     from peft_elastic import count_parameters, load_compressed_model
 
@@ -174,8 +250,6 @@ def test_demo_refuses_an_existing_output(quick_demo, capsys):
 
 
 def test_demo_tables_section_for_results_md(quick_demo, tmp_path):
-    import subprocess
-    import sys
     from pathlib import Path
 
     _, output, _ = quick_demo
@@ -204,3 +278,33 @@ def test_demo_help_reads_well(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Table 2 (50% Wanda sparsity" in text and "%%" not in text
     assert "--quick" in text and "--overwrite" in text and "--cache-dir" in text
+
+
+def test_a_search_claim_between_two_zero_scores_is_not_judged():
+    """On SmolLM2 with a short budget every subnetwork but the maximal scored 0 on validation and test: "search
+    finds one at least as accurate" held vacuously (0 >= 0); it is n/a, with the reason."""
+    from peft_elastic.demo.lonas import CostRow
+    from peft_elastic.demo.sqft import Row
+    from peft_elastic.demo.tables import findings
+
+    def row(key, hits, sparsity=0.5, merged=0.5):
+        return Row(key, key, sum(hits) / len(hits), sparsity, merged, "FP32", hits)
+
+    hit, miss = [True, False, False, False], [False] * 4
+    keys = ["dense", "sparse", "lora", "lora_repruned", "shears", "sparse_peft", "sqft", "qa_sparse_peft"]
+    sqft = [row(key, hit, merged=0.0 if key in ("lora", "shears") else 0.5) for key in keys]
+
+    def lonas(search_hits, search_validation):
+        return [
+            CostRow("LoRA (merged)", 0.25, 0.5, 100, 100, 10.0, 1.0, hit),
+            CostRow("LoNAS (heuristic subnetwork)", 0.0, 0.0, 80, 80, 8.0, 1.25, miss),
+            CostRow(
+                "LoNAS (search subnetwork 1)", sum(search_hits) / 4, search_validation, 60, 60, 6.0, 1.6, search_hits
+            ),
+        ]
+
+    silent = findings(sqft, lonas(miss, 0.0))[-1]
+    assert silent.startswith("- [n/a] Search finds a subnetwork no larger than the heuristic one")
+    assert silent.endswith("(both score 0 on validation and test: the search had nothing to rank them by)")
+    judged = findings(sqft, lonas(hit, 0.25))[-1]
+    assert judged.startswith("- [holds] Search finds") and "95% interval" in judged  # 25% >= 0% on every draw

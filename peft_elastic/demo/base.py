@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..io import staged_directory
 from ..models import default_cache_dir  # noqa: F401  (the demo cache is the package cache)
 from ..toy import tiny_llama, train_tokenizer
-from .task import TASK_VERSION, pretraining_texts
+from .task import PRETRAINING_STEPS, TASK_VERSION, pretraining_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +39,16 @@ class BaseSettings:
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     worked_fraction: float = 0.3
+    #: Step counts of the worked problems in the corpus (drawn uniformly from this tuple; repeat one to weight it).
+    worked_steps: tuple[int, ...] = PRETRAINING_STEPS
     seed: int = 0
 
     def key(self) -> str:
         """A short name for the cache entry of this base."""
-        blob = json.dumps({**dataclasses.asdict(self), "task": TASK_VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["worked_steps"] == PRETRAINING_STEPS:  # the field's default: bases cached before it existed
+            del fields["worked_steps"]
+        blob = json.dumps({**fields, "task": TASK_VERSION}, sort_keys=True)
         return f"base-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -81,7 +86,9 @@ def pretrained_base(settings: BaseSettings, held_out: set[str], cache_dir: Path,
 def pretrain(settings: BaseSettings, held_out: set[str]):
     """Train a new tokenizer and a randomly initialised Llama on the pre-training corpus (loss on every token).
     Returns (model, tokenizer, per-step losses)."""
-    texts = pretraining_texts(settings.steps * settings.batch_size, held_out, settings.seed, settings.worked_fraction)
+    texts = pretraining_texts(
+        settings.steps * settings.batch_size, held_out, settings.seed, settings.worked_fraction, settings.worked_steps
+    )
     tokenizer = train_tokenizer(texts[:5000], vocab_size=settings.vocab_size, words=True)
     model = tiny_llama(
         vocab_size=len(tokenizer),

@@ -50,6 +50,7 @@ class CostRow:
     speedup: float = float("nan")
     hits: list[bool] = dataclasses.field(default_factory=list, repr=False)  # per test problem
     perplexity: float | None = None
+    anatomy: dict[str, float] | None = None  # where the answers go wrong (task.answer_anatomy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +94,8 @@ def lonas_table(
         score = scoring.score(model)
         params, macs = count_parameters(model), count_macs(model, seq_len=seq_len)
         result = CostRow(method, score.accuracy, validation_accuracy, params, macs, hits=score.hits)
-        result.perplexity = score.perplexity
-        perplexity = "" if score.perplexity is None else f", perplexity {score.perplexity:.2f}"
-        log(f"  {method}: {score.accuracy:.1%}{perplexity}")
+        result.perplexity, result.anatomy = score.perplexity, score.anatomy
+        log(f"  {method}: {score.summary()}")
         return result
 
     lora = finetune(model, lora_config(settings), tokenizer, train, settings, log=log)

@@ -50,6 +50,7 @@ class Row:
     perplexity: float | None = None
     seconds: float = 0.0  # the pipeline's wall time (fine-tuning, merging, quantizing and scoring)
     codes_changed: float | None = None  # QA-SparsePEFT: the fraction of INT4 codes its merge changed
+    anatomy: dict[str, float] | None = None  # where the answers go wrong (task.answer_anatomy)
 
 
 def load_gptq(path: Path):
@@ -95,9 +96,9 @@ def sqft_table(
         now = time.perf_counter()
         row = Row(key, method, score.accuracy, sparsity, merged_sparsity, precision, score.hits, score.perplexity)
         row.seconds, clock[0] = round(now - clock[0], 1), now
+        row.anatomy = score.anatomy
         rows.append(row)
-        perplexity = "" if row.perplexity is None else f", perplexity {row.perplexity:.2f}"
-        log(f"  {row.method}: {row.accuracy:.1%}{perplexity} ({row.seconds:.0f} s)")
+        log(f"  {row.method}: {score.summary()} ({row.seconds:.0f} s)")
         return row
 
     def tune(base, config, strategy="random", budget=settings):

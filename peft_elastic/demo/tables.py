@@ -66,6 +66,25 @@ def lonas_markdown(rows: list[CostRow]) -> str:
     return "\n".join(lines)
 
 
+def anatomy_markdown(rows: list[Row | CostRow]) -> str:
+    """Where each row's answers go wrong (`task.answer_anatomy`); "" when no row has it (results of older runs)."""
+    rows = [row for row in rows if getattr(row, "anatomy", None)]
+    if not rows:
+        return ""
+    lines = [
+        "| method | answers in the format | right number of steps | operands read right | sums right "
+        "| right, in the format |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        a = row.anatomy
+        lines.append(
+            f"| {row.method} | {a['formatted']:.1%} | {a['steps']:.1%} | {a['operands']:.1%} | {a['arithmetic']:.1%} "
+            f"| {a['right']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def _relative(accuracy: float, reference: float) -> str:
     return f"{accuracy / reference:.1%}" if reference > 0 else "n/a"
 
@@ -162,23 +181,27 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     rivals = [r for r in lonas if "search" in r.method and r.params <= heuristic.params]
     if rivals:  # the paper's search subnetwork 1: as small as the heuristic one, more accurate
         best = max(rivals, key=lambda r: r.validation_accuracy)
+        silent = best.accuracy == heuristic.accuracy == 0 and best.validation_accuracy == heuristic.validation_accuracy
         lines.append(
             _judged(
-                stats.difference_interval(best.hits, heuristic.hits, lonas_indices),
+                None if silent else stats.difference_interval(best.hits, heuristic.hits, lonas_indices),
                 0.0,
                 f"Search finds a subnetwork no larger than the heuristic one that is at least as accurate on the test "
                 f"split ({best.method}: {best.accuracy:.1%}, {best.params:,} parameters, vs {heuristic.accuracy:.1%}; "
                 f"validation {best.validation_accuracy:.1%} vs {heuristic.validation_accuracy:.1%}).",
+                "both score 0 on validation and test: the search had nothing to rank them by",
             )
         )
     return lines
 
 
-def _judged(bounds: tuple[float, float] | None, threshold: float, text: str) -> str:
-    """A claim "quantity >= threshold" judged on the quantity's interval `bounds` (None: the quantity is undefined,
-    e.g. a ratio to an accuracy of 0)."""
+def _judged(
+    bounds: tuple[float, float] | None, threshold: float, text: str, why: str = "undefined: the reference scored 0"
+) -> str:
+    """A claim "quantity >= threshold" judged on the quantity's interval `bounds` (None: not judged, for the reason
+    `why`, e.g. a ratio to an accuracy of 0)."""
     if bounds is None:
-        return f"- [n/a] {text} (undefined: the reference scored 0)"
+        return f"- [n/a] {text} ({why})"
     low, high = bounds
     return f"- [{stats.verdict(low, high, threshold)}] {text} (95% interval [{low:.3g}, {high:.3g}])"
 

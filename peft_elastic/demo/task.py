@@ -18,6 +18,7 @@ train/validation/test sets of problems; the pre-training corpus never contains a
 from __future__ import annotations
 
 import random
+import re
 
 #: Bump when the generators change: the cached pre-trained base depends on them.
 TASK_VERSION = 1
@@ -78,15 +79,24 @@ def splits(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> dict[
     return {"train": out["train"], "validation": out["validation"], "test": out["test"]}
 
 
-def pretraining_texts(n: int, held_out: set[str], seed: int = 0, worked_fraction: float = 0.1) -> list[str]:
+def pretraining_texts(
+    n: int,
+    held_out: set[str],
+    seed: int = 0,
+    worked_fraction: float = 0.1,
+    worked_steps: tuple[int, ...] = PRETRAINING_STEPS,
+) -> list[str]:
     """`n` documents for pre-training: equation drills, stories without a question, and (`worked_fraction` of them)
-    worked problems of one or two steps (never a prompt in `held_out`)."""
+    worked problems whose number of steps is drawn from `worked_steps` (default one or two; never a prompt in
+    `held_out`)."""
+    if not worked_steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in worked_steps):
+        raise ValueError(f"worked_steps must be a non-empty tuple of step counts >= 1, got {worked_steps!r}.")
     rng = random.Random(seed + 7919)
     texts = []
     while len(texts) < n:
         kind = rng.random()
         if kind < worked_fraction:
-            problem = word_problem(rng, rng.choice(PRETRAINING_STEPS))
+            problem = word_problem(rng, rng.choice(worked_steps))
             if problem["prompt"] in held_out:
                 continue
             texts.append(problem["prompt"] + problem["completion"])
@@ -99,3 +109,47 @@ def pretraining_texts(n: int, held_out: set[str], seed: int = 0, worked_fraction
         else:
             texts.append(" ".join(_problem(rng, rng.randint(1, 3))[0] for _ in range(2)))
     return texts
+
+
+_EQUATION = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)")
+_FINAL = re.compile(r"####\s*(-?\d+)")
+
+
+def answer_anatomy(problems: list[dict[str, str]], completions: list[str]) -> dict[str, float]:
+    """Where greedy answers to `problems` go wrong, as fractions:
+    `formatted` — answers that end the work with "#### n"; `steps` — answers with as many equations as the problem
+    has steps; `operands` — of the problems' steps, those whose equation reads the right numbers (the story's start
+    or the previous line's result, and the story's amount; a missing equation counts as wrong); `arithmetic` — of the
+    equations written, those whose result is right for their own operands; `right` — answers whose "####" number is
+    the problem's answer (the accuracy counts a right last number without "####" too)."""
+    if len(problems) != len(completions) or not problems:
+        raise ValueError(
+            f"Need one completion per problem (and some problems): {len(problems)} vs {len(completions)}."
+        )
+    formatted = steps = right = 0
+    operands = expected_steps = arithmetic = written = 0
+    for problem, completion in zip(problems, completions, strict=True):
+        numbers = [int(n) for n in re.findall(r"\d+", problem["prompt"])]
+        equations = [(int(a), op, int(b), int(c)) for a, op, b, c in _EQUATION.findall(completion)]
+        final = _FINAL.search(completion)
+        formatted += final is not None
+        right += final is not None and final.group(1) == _FINAL.search(problem["completion"]).group(1)
+        steps += len(equations) == len(numbers) - 1
+        previous = numbers[0]
+        for index, amount in enumerate(numbers[1:]):
+            expected_steps += 1
+            if index < len(equations):
+                a, _, b, c = equations[index]
+                operands += (a, b) == (previous, amount)
+                previous = c
+        for a, op, b, c in equations:
+            written += 1
+            arithmetic += c == (a + b if op == "+" else a - b)
+    n = len(problems)
+    return {
+        "formatted": formatted / n,
+        "steps": steps / n,
+        "operands": operands / expected_steps,
+        "arithmetic": arithmetic / written if written else 0.0,
+        "right": right / n,
+    }
