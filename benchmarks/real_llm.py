@@ -44,7 +44,8 @@ from peft_elastic.demo import REAL, REAL_QUICK, default_cache_dir, run
 from peft_elastic.demo.finetune import TARGETS, lora_config
 from peft_elastic.demo.lonas import CostRow, mode_b_choices
 from peft_elastic.demo.sqft import Row, load_gptq
-from peft_elastic.demo.tables import lonas_markdown, sqft_markdown
+from peft_elastic.demo.tables import anatomy_markdown, lonas_markdown, sqft_markdown
+from peft_elastic.demo.tables import findings as demo_findings
 from peft_elastic.text import pydoc_texts
 
 MARKERS = ("<!-- real_llm:start -->", "<!-- real_llm:end -->")
@@ -173,21 +174,29 @@ def search_overhead(output: Path) -> str:
     )
 
 
-def section(results: dict, steps: str, step_seconds: float, search: str) -> str:
+def section(results: dict, steps: str, step_seconds: float, search: str, run_command: str) -> str:
     settings = results["settings"]
     f, s = settings["finetune"], settings["search"]
     config = json.loads((Path(results["base"]["folder"]) / "config.json").read_text())
     sqft = sqft_markdown([Row(**row) for row in results["table2"]])
     lonas = lonas_markdown([CostRow(**row) for row in results["table1"]])
+    anatomy = anatomy_markdown(
+        [Row(**row) for row in results["table2"]] + [CostRow(**row) for row in results["table1"]]
+    )
+    if anatomy:  # runs before the anatomy existed have none
+        anatomy = f"\n### Where the answers go wrong (test split)\n\n{anatomy}\n"
     qa_row = next(row for row in results["table2"] if row["key"] == "qa_sparse_peft")
-    qa_codes = "n/a" if qa_row.get("codes_changed") is None else f"{qa_row['codes_changed']:.2%}"
+    qa_codes = "n/a" if qa_row.get("codes_changed") is None else f"{qa_row['codes_changed']:.4%}"
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["stages"].items())
-    findings = "\n".join(results["findings"])
+    # judged again from the rows, so that a section rebuilt from an older run's results uses today's rules
+    findings = "\n".join(
+        demo_findings([Row(**row) for row in results["table2"]], [CostRow(**row) for row in results["table1"]])
+    )
     return f"""{MARKERS[0]}
 ## The papers' tables on a real LLM: {results["base"]["model"]} (`benchmarks/real_llm.py`)
 
 - Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-- Command (from the repository root): `{command()}`; {results["seconds"]:.0f} s in all (the tables), plus
+- Command (from the repository root): `{run_command}`; {results["seconds"]:.0f} s in all (the tables), plus
   {step_seconds:.0f} s of step timing; peak RSS {results["peak_rss_gb"]:.2f} GB
 - Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads);
   peft {peft.__version__}, transformers {transformers.__version__}, peft_elastic {peft_elastic.__version__}, Python
@@ -216,7 +225,7 @@ def section(results: dict, steps: str, step_seconds: float, search: str) -> str:
 ### Table 1 shape (LoNAS)
 
 {lonas}
-
+{anatomy}
 Search overhead on this {config["num_hidden_layers"]}-layer model: {search}.
 
 ### Against the papers' findings
@@ -241,6 +250,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step-rounds", type=int, default=None, help="step-time rounds (default 3, 1 with --quick)")
     parser.add_argument("--output", type=Path, help="keep every model and adapter here (default: a temporary folder)")
     parser.add_argument(
+        "--from-output",
+        type=Path,
+        metavar="DIR",
+        help="write the section of a finished run's --output folder (its results.json and step_times.json) again, "
+        "without running anything",
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, help="the results file (default benchmarks/RESULTS.md)"
     )
     return parser.parse_args(argv)
@@ -261,6 +277,15 @@ def settings_of(args: argparse.Namespace):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.from_output is not None:
+        results = json.loads((args.from_output / "results.json").read_text())
+        timing = json.loads((args.from_output / "step_times.json").read_text())
+        text = section(
+            results, timing["table"], timing["seconds"], search_overhead(args.from_output), timing["command"]
+        )
+        write_section(args.results, text, MARKERS)
+        print(f"Wrote the section of {args.from_output} to {args.results}")
+        return
     settings = settings_of(args)
     output = args.output or Path(tempfile.mkdtemp(prefix="peft_elastic_real_llm_"))
     output.mkdir(parents=True, exist_ok=True)
@@ -276,7 +301,9 @@ def main(argv=None) -> None:
     steps = step_table(methods, per_round)
     step_seconds = time.perf_counter() - start
     print("\n" + steps)
-    write_section(args.results, section(results, steps, step_seconds, search_overhead(output)), MARKERS)
+    timing = {"table": steps, "seconds": round(step_seconds, 1), "command": command()}
+    (output / "step_times.json").write_text(json.dumps(timing, indent=2) + "\n")
+    write_section(args.results, section(results, steps, step_seconds, search_overhead(output), command()), MARKERS)
     print(f"\nWrote the section to {args.results}; artefacts in {output}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,63 @@ def test_real_llm_quick_run_writes_its_section(tiny_folder, tmp_path):
     run_results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(claim in text for claim in run_results["findings"])
     assert all(row["perplexity"] > 1 for row in run_results["table2"] + run_results["table1"])
+    assert "### Where the answers go wrong (test split)" in text
+    rows = run_results["table2"] + run_results["table1"]
+    assert all(row["anatomy"]["right"] <= row["accuracy"] for row in rows)  # right in the format, of the right
+
+    # the section of the finished run, written again from its folder: the same text but for the date
+    again = tmp_path / "AGAIN.md"
+    rebuild = [sys.executable, str(ROOT / "benchmarks" / "real_llm.py"), "--from-output", str(tmp_path / "out")]
+    result = subprocess.run([*rebuild, "--results", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def undated(text):
+        return re.sub(r"- Date: .*", "", text[text.index("<!-- real_llm:start -->") :])
+
+    assert undated(again.read_text()) == undated(text)
+
+
+def test_demo_robustness_quick_run_compares_two_code_paths(tmp_path):
+    results, work = tmp_path / "RESULTS.md", tmp_path / "work"
+    args = ["--quick", "--seeds", "0", "1", "--work", str(work), "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "demo_robustness.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    assert text.count("<!-- demo_robustness:start -->") == text.count("<!-- demo_robustness:end -->") == 1
+    assert f"`python benchmarks/demo_robustness.py {' '.join(args)}`" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(row[0][2:], row[3]) for row in rows] == [
+        ("native", "0"),
+        ("native", "1"),
+        ("portable", "0"),
+        ("portable", "1"),
+    ]
+    records = {p: json.loads((work / f"record-{p}.json").read_text()) for p in ("native", "portable")}
+    # each path ran in its own process with its own switches: ATen itself reports the portable kernels
+    assert records["portable"]["aten_capability"] == "DEFAULT" != records["native"]["aten_capability"]
+    assert records["portable"]["environment"]["MKL_ENABLE_INSTRUCTIONS"] == "SSE4_2"
+    assert records["native"]["environment"] == {}
+    for record in records.values():
+        assert (work / f"cache-{record['capability']}").is_dir()  # a base per code path
+        assert len(record["dense"]) == 24 and all(len(hits) == 24 for hits in record["lora"].values())
+    assert re.search(r"LoRA over 4 runs \(seeds x code paths\): mean \d+\.\d%, range", text)
+
+
+def test_mode_b_training_quick_run_scores_each_variant_at_three_subnetworks(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    args = ["--quick", "--variants", "demo", "fixed maximal", "--results", str(results)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "mode_b_training.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = results.read_text()
+    assert text.count("<!-- mode_b_training:start -->") == text.count("<!-- mode_b_training:end -->") == 1
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0][2:] for row in rows] == ["lora", "demo", "fixed maximal"]  # LoRA added: the reference
+    lora, demo = rows[0], rows[1]
+    assert lora[3] == lora[4] == "-" and lora[5] == lora[6] == "-"  # LoRA has one network
+    if lora[2].startswith("0.0%"):  # a ratio to nothing: not judged
+        assert demo[3] == demo[4] == "-"
+    else:
+        assert re.match(r"\d+\.\d% \[", demo[3]) and demo[4] in ("holds", "differs", "within noise")
+    assert all(re.match(r"\d+\.\d% \[\d+\.\d%, \d+\.\d%\]", cell) for cell in demo[2:3] + demo[5:7])
