@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 import re
 
+from ..search.evaluators import GSM8K_ANSWER
+
 #: Bump when the generators change: the cached pre-trained base depends on them.
 TASK_VERSION = 1
 
@@ -112,7 +114,7 @@ def pretraining_texts(
 
 
 _EQUATION = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)")
-_FINAL = re.compile(r"####\s*(-?\d+)")
+_FINAL = re.compile(GSM8K_ANSWER)  # the evaluators' "#### n", so that "right" reads the answer as the accuracy does
 
 
 def answer_anatomy(problems: list[dict[str, str]], completions: list[str]) -> dict[str, float]:
