@@ -45,10 +45,7 @@ class BaseSettings:
 
     def key(self) -> str:
         """A short name for the cache entry of this base."""
-        fields = dataclasses.asdict(self)
-        if fields["worked_steps"] == PRETRAINING_STEPS:  # the field's default: bases cached before it existed
-            del fields["worked_steps"]
-        blob = json.dumps({**fields, "task": TASK_VERSION}, sort_keys=True)
+        blob = json.dumps({**dataclasses.asdict(self), "task": TASK_VERSION}, sort_keys=True)
         return f"base-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 

@@ -11,7 +11,7 @@ Numbers stay small (a start of 5..30, steps of 1..9) so that a model of a millio
 in a minute of CPU pre-training.
 
 The pre-training corpus (`pretraining_texts`) holds what a base model would know beforehand: bare equations, stories
-in the same words without questions, and worked problems of one or two steps. `splits` gives disjoint
+in the same words without questions, and worked problems of one to three steps. `splits` gives disjoint
 train/validation/test sets of problems; the pre-training corpus never contains a validation or test prompt.
 """
 
@@ -30,10 +30,14 @@ NAMES = [("Tom", "He", "his"), ("Ann", "She", "her"), ("Sam", "He", "his"), ("Mi
 ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "eggs", "stamps"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "picks up {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
-#: Operations per problem of the task, and of the pre-training corpus's worked problems: the base knows the format,
-#: the arithmetic and two-step chains, but has to learn a third step (as GSM8K asks more than pre-training taught).
+#: Operations per problem of the task, and of the pre-training corpus's worked problems: the base has seen problems
+#: of every length the task asks (never its validation or test prompts), so fine-tuning polishes a skill the base has
+#: (it answers about 80 % untuned) rather than teaching a new one. With worked problems of one or two steps only,
+#: whether the base came out able to chain a third step depended on the float rounding of the CPU's code path
+#: (benchmarks/RESULTS.md, "The demo's LoRA across seeds and CPU code paths": LoRA 50 % on one path, 97 % on
+#: another); with three-step ones it reaches 99-100 % on both.
 TASK_STEPS = (2, 3)
-PRETRAINING_STEPS = (1, 2)
+PRETRAINING_STEPS = (1, 2, 3)
 QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
 
 
@@ -89,7 +93,7 @@ def pretraining_texts(
     worked_steps: tuple[int, ...] = PRETRAINING_STEPS,
 ) -> list[str]:
     """`n` documents for pre-training: equation drills, stories without a question, and (`worked_fraction` of them)
-    worked problems whose number of steps is drawn from `worked_steps` (default one or two; never a prompt in
+    worked problems whose number of steps is drawn from `worked_steps` (default one to three; never a prompt in
     `held_out`)."""
     if not worked_steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in worked_steps):
         raise ValueError(f"worked_steps must be a non-empty tuple of step counts >= 1, got {worked_steps!r}.")
