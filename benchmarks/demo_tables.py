@@ -54,6 +54,10 @@ def section(results: dict, command: str) -> str:
     )
     if anatomy:  # runs before the anatomy existed have none
         anatomy = f"\n### Where the answers go wrong (test split)\n\n{anatomy}\n"
+    # runs before SearchSettings.heads existed made heads elastic
+    elastic, groups = (
+        ("widths and heads", " (heads in whole key/value groups)") if s.get("heads", True) else ("widths", "")
+    )
     worked = " or ".join(str(k) for k in sorted(set(b.get("worked_steps", (1, 2)))))  # results of older runs: (1, 2)
     return f"""{MARKERS[0]}
 ## The papers' tables, in shape: the offline demo (`peft-elastic demo`){quick}
@@ -74,8 +78,8 @@ def section(results: dict, command: str) -> str:
 - Fine-tuning, every method: {f["steps"]} steps of {f["batch_size"]}, learning rate {f["learning_rate"]}, cosine,
   rank {f["r"]} (elastic: {f["r"]}/{3 * f["r"] // 4}/{f["r"] // 2}, heuristic subnetwork) on q/k/v/o/gate/up/down,
   TRL SFTTrainer (loss on the answers); random subnetwork sampling
-- Mode B super-network: {s["steps"]} steps, {s["strategy"]} sampling, widths and heads [1.0, 0.75, 0.5] (heads
-  in whole key/value groups); NSGA-II search, {s["trials"]} trials on the validation split, cost MACs; latency:
+- Mode B super-network: {s["steps"]} steps, {s["strategy"]} sampling, {elastic} [1.0, 0.75, 0.5]{groups}; NSGA-II
+  search, {s["trials"]} trials on the validation split, cost MACs; latency:
   batch 8 x 64 tokens, {s["latency_rounds"]} rounds side by side, medians
 
 ### Table 2 shape (SQFT / Shears; the papers: Mistral-7B-v0.3 on GSM8K)

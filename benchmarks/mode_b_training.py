@@ -9,12 +9,13 @@ the demo's test split (95 % bootstrap intervals over the problems), next to stoc
 The factors (each variant changes one thing from "demo", the demo's own LoNAS super-network):
 - "fixed maximal": the same Mode B adapter and reordered base, trained only at its maximal subnetwork — LoRA through
   the Mode B machinery. Equal to LoRA within noise unless the machinery itself (slicing, reordering) costs accuracy.
-- "rank only": sandwich sampling of ranks alone (Mode A): is it the widths and heads, or the sandwich?
-- "widths only" / "heads only": which elastic dimension costs the maximal subnetwork.
+- "rank only": sandwich sampling of ranks alone (Mode A): is it the widths, or the sandwich?
+- "widths and heads" / "heads only": attention heads elastic too (Sukthanker et al.'s extension of LoNAS; the demo's
+  super-network before 2026-12-01): what elastic heads cost.
 - "no reordering": the channels in the pre-trained order (the importance ordering's share).
 - "2x steps": twice the sandwich steps (is it the budget?).
-- "sandwich lr/2": half the learning rate (the four summed passes per step).
-- "random, LoRA's steps": one uniformly random subnetwork per step for as many steps as LoRA (no minimal subnetwork
+- "sandwich lr/2": half the learning rate (the three summed passes per step: maximal, random, minimal).
+- "random sampling": one uniformly random subnetwork per step (one pass per step, as LoRA's; no minimal subnetwork
   in every step: the sandwich's gradient conflicts, Xu et al. 2022).
 """
 
@@ -60,7 +61,7 @@ class Variant:
     lora: bool = False
     strategy: str = "sandwich"
     widths: bool = True
-    heads: bool = True
+    heads: bool = False
     reorder: bool = True
     step_factor: float = 1.0
     lr_factor: float = 1.0
@@ -70,13 +71,13 @@ VARIANTS = [
     Variant("lora", lora=True),
     Variant("demo"),
     Variant("fixed maximal", strategy="fixed"),
-    Variant("rank only", widths=False, heads=False),
-    Variant("widths only", heads=False),
-    Variant("heads only", widths=False),
+    Variant("rank only", widths=False),
+    Variant("widths and heads", heads=True),
+    Variant("heads only", widths=False, heads=True),
     Variant("no reordering", reorder=False),
     Variant("2x steps", step_factor=2.0),
     Variant("sandwich lr/2", lr_factor=0.5),
-    Variant("random, LoRA's steps", strategy="random", step_factor=1.5),
+    Variant("random sampling", strategy="random"),
 ]
 
 
@@ -90,7 +91,7 @@ def train(variant: Variant, base_dir: Path, data: dict, settings, calibration: l
             model, lora_config(finetune_settings), tokenizer, data["train"], finetune_settings, log=_quiet
         )
         return trained, tokenizer, time.perf_counter() - start
-    choices = mode_b_choices(model.config)
+    choices = mode_b_choices(model.config, heads=True)
     config = ElasticLoraConfig(
         r=finetune_settings.r,
         lora_alpha=2 * finetune_settings.r,
@@ -184,9 +185,10 @@ def section(records: list[dict], settings, command: str, seconds: float) -> str:
   peft {peft.__version__}, transformers {transformers.__version__}, peft_elastic {peft_elastic.__version__}, Python
   {platform.python_version()}
 - The demo's base, task and splits ({settings.n_test} test problems); LoRA: {f.steps} steps of {f.batch_size} at
-  learning rate {f.learning_rate:g}; Mode B (rank {f.rank_choices}, the demo's widths and heads): {s.steps} steps of
-  {f.batch_size} unless the variant says otherwise. Accuracy with 95 % bootstrap intervals over the test problems;
-  "vs LoRA" judges the maximal subnetwork's paired ratio to the LoRA of the same seed against 95 %.
+  learning rate {f.learning_rate:g}; Mode B (rank {f.rank_choices}, the demo's widths; heads where the variant
+  says): {s.steps} steps of {f.batch_size} unless the variant says otherwise. Accuracy with 95 % bootstrap
+  intervals over the test problems; "vs LoRA" judges the maximal subnetwork's paired ratio to the LoRA of the same
+  seed against 95 %.
 
 {table(records)}
 {MARKERS[1]}

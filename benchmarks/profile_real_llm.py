@@ -89,7 +89,7 @@ def training_section(base_dir: Path, batch: dict, rounds: int) -> str:
     torch.manual_seed(0)
     lora = get_peft_model(load_base(base_dir)[0], lora_config(REAL.finetune)).train()
     base = load_base(base_dir)[0]
-    choices = mode_b_choices(base.config)
+    choices = mode_b_choices(base.config, heads=True)
     config = ElasticLoraConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=TARGETS, **choices)
     mode_b = get_peft_model(base, config).train()
     maximal, minimal = peft_elastic.maximal_subnetwork(mode_b), peft_elastic.minimal_subnetwork(mode_b)
@@ -174,7 +174,7 @@ def search_section(base_dir: Path, tokenizer, rounds: int, n_validation: int) ->
     evaluate = accuracy_of(data["validation"][:n_validation], tokenizer)
     base = load_base(base_dir)[0]
     config = ElasticLoraConfig(
-        r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=TARGETS, **mode_b_choices(base.config)
+        r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=TARGETS, **mode_b_choices(base.config, heads=True)
     )
     supernet = get_peft_model(base, config).eval()
     subnetwork = peft_elastic.heuristic_subnetwork(supernet)

@@ -105,7 +105,7 @@ def step_methods(base_dir: Path, artefacts: Path, r: int) -> list[Method]:
         Method("SparsePEFT", get_peft_model(sparse(), elastic(SparsePEFTConfig))),
     ]
     base = dense()
-    mode_b = get_peft_model(base, elastic(ElasticLoraConfig, **mode_b_choices(base.config)))
+    mode_b = get_peft_model(base, elastic(ElasticLoraConfig, **mode_b_choices(base.config, heads=REAL.search.heads)))
     sandwich = [
         peft_elastic.maximal_subnetwork(mode_b),
         peft_elastic.sample_subnetwork(mode_b, seed=1),

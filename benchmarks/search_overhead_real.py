@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = load_base(folder)[0]
     config = ElasticLoraConfig(
-        r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=TARGETS, **mode_b_choices(base.config)
+        r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=TARGETS, **mode_b_choices(base.config, heads=True)
     )
     torch.manual_seed(0)
     model = get_peft_model(base, config).eval()

@@ -24,7 +24,7 @@ class FinetuneSettings:
     `qa_learning_rate`: QA-SparsePEFT's rate (None: `learning_rate`) — its update must reach half a quantization
     step to change a code, which needs a larger rate than float adapters (docs/quantization.md)."""
 
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16
     learning_rate: float = 4e-3
     r: int = 8

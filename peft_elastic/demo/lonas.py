@@ -1,7 +1,8 @@
 """The LoNAS table (Table 1 of the papers, in shape): Mode B elastic adapters on the dense base against LoRA.
 
 LoRA is merged into the base (a model of the base's size: the 1.00x reference). The Mode B super-network (elastic
-ranks, MLP widths and attention heads, channels ordered by importance first) is trained with the same budget per
+ranks and MLP widths as in LoNAS — attention heads too with `SearchSettings.heads` —, channels ordered by importance
+first) is trained for as many optimizer steps as LoRA, each a sandwich of the maximal, a random and the minimal
 subnetwork; its heuristic subnetwork and two subnetworks found by an NSGA-II search on the *validation* split are
 exported as physically smaller models and scored on the test split. Parameters and MACs (per token) are those of the
 exported model; the speedup is LoRA's median forward time over the model's, timed side by side in one process.
@@ -55,23 +56,28 @@ class CostRow:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-    """The Mode B super-network's training steps and the search's budget."""
+    """The Mode B super-network's training steps and the search's budget. `heads`: attention heads elastic too
+    (Sukthanker et al.'s extension); off by default, as in LoNAS, whose search space is ranks and MLP widths. On the
+    demo's base, where the only smaller head choice drops one of its two key/value groups, elastic heads cost the
+    maximal subnetwork more than ten points of accuracy against widths alone (benchmarks/RESULTS.md, "Mode B
+    super-network training")."""
 
-    steps: int = 200
+    steps: int = 150
     strategy: str = "sandwich"
     trials: int = 16
     latency_rounds: int = 10
+    heads: bool = False
 
 
-def mode_b_choices(config) -> dict[str, list[int]]:
-    """`width_choices` and `head_choices` for a base of this `config`: WIDTH_FRACTIONS and HEAD_FRACTIONS of its MLP
-    width and query heads, rounded down to whole channels and whole key/value groups."""
-    heads = config.num_attention_heads
-    per_kv = heads // (getattr(config, "num_key_value_heads", None) or heads)
-    return {
-        "width_choices": sizes_at_most(WIDTH_FRACTIONS, config.intermediate_size),
-        "head_choices": sizes_at_most(HEAD_FRACTIONS, heads, multiple_of=per_kv),
-    }
+def mode_b_choices(config, heads: bool = False) -> dict[str, list[int]]:
+    """`width_choices` (and with `heads`, `head_choices`) for a base of this `config`: WIDTH_FRACTIONS of its MLP
+    width and HEAD_FRACTIONS of its query heads, rounded down to whole channels and whole key/value groups."""
+    choices = {"width_choices": sizes_at_most(WIDTH_FRACTIONS, config.intermediate_size)}
+    if heads:
+        total = config.num_attention_heads
+        per_kv = total // (getattr(config, "num_key_value_heads", None) or total)
+        choices["head_choices"] = sizes_at_most(HEAD_FRACTIONS, total, multiple_of=per_kv)
+    return choices
 
 
 def lonas_table(
@@ -110,7 +116,7 @@ def lonas_table(
         lora_alpha=2 * settings.r,
         rank_choices=settings.rank_choices,
         target_modules=TARGETS,
-        **mode_b_choices(base.config),
+        **mode_b_choices(base.config, heads=search.heads),
     )
     resolve_width_choices(base, config)  # a choice the model cannot take fails here, before the reordering
     reorder_by_importance(base, calibration, tokenizer=tokenizer, max_length=128, progress=False)

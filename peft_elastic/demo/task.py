@@ -31,11 +31,12 @@ ITEMS = ["apples", "pens", "books", "coins", "cards", "shells", "eggs", "stamps"
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "picks up {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
 #: Operations per problem of the task, and of the pre-training corpus's worked problems: the base has seen problems
-#: of every length the task asks (never its validation or test prompts), so fine-tuning polishes a skill the base has
-#: (it answers about 80 % untuned) rather than teaching a new one. With worked problems of one or two steps only,
-#: whether the base came out able to chain a third step depended on the float rounding of the CPU's code path
-#: (benchmarks/RESULTS.md, "The demo's LoRA across seeds and CPU code paths": LoRA 50 % on one path, 97 % on
-#: another); with three-step ones it reaches 99-100 % on both.
+#: of every length the task asks (never its validation or test prompts), so fine-tuning polishes a skill the base
+#: has (it answers 80-100 % of the test problems untuned, depending on the CPU's code path) rather than teaching a
+#: new one. With worked problems of one or two steps only, whether the base came out able to chain a third step
+#: depended on the float rounding of the CPU's code path (benchmarks/RESULTS.md, "The demo's LoRA across seeds and
+#: CPU code paths": LoRA 50 % on one path, 97 % on another); with three-step ones LoRA reaches 96.8-100 % on both,
+#: over three seeds.
 TASK_STEPS = (2, 3)
 PRETRAINING_STEPS = (1, 2, 3)
 QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
