@@ -327,3 +327,56 @@ def test_mode_b_training_quick_run_scores_each_variant_at_three_subnetworks(tmp_
     else:
         assert re.match(r"\d+\.\d% \[", demo[3]) and demo[4] in ("holds", "differs", "within noise")
     assert all(re.match(r"\d+\.\d% \[\d+\.\d%, \d+\.\d%\]", cell) for cell in demo[2:3] + demo[5:7])
+
+
+def _demo_results(findings: list[str], seconds: float = 600.0, cached: bool = True) -> dict:
+    return {"settings": {"n_test": 500}, "findings": findings, "seconds": seconds, "base_was_cached": cached}
+
+
+def test_demo_verdicts_lines_up_two_runs_claim_by_claim(tmp_path):
+    a = [
+        "- [holds] 50% Wanda sparsity costs accuracy without tuning (80.0% -> 44.2%). (95% interval [0.314, 0.406])",
+        "- [holds] SparsePEFT merges without losing sparsity (50.0%); merging LoRA leaves 0.0%.",
+        "- [within noise] Shears reaches 96.3% of LoRA's accuracy (the papers: 102.3%). (95% interval [0.944, 0.982])",
+        "- [n/a] Search finds a subnetwork (both score 0 on validation and test: nothing to rank them by)",
+    ]
+    b = [a[0].replace("0.314", "0.300"), a[1], a[2].replace("within noise", "holds"), a[3]]
+    paths = []
+    for name, findings, cached in (("a", a, False), ("b", b, True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_demo_results(findings, cached=cached)))
+        paths.append(f"{name}={tmp_path / name / 'results.json'}")
+    results = tmp_path / "RESULTS.md"
+    text = run_benchmark("demo_verdicts.py", [*paths, "--results", str(results)], results)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == ["| claim (as the first run words it)", "a", "b", "same |"]
+    assert [row[1:] for row in rows[1:]] == [
+        ["holds [0.314, 0.406]", "holds [0.300, 0.406]", "yes |"],
+        ["holds", "holds", "yes |"],
+        ["within noise [0.944, 0.982]", "holds [0.944, 0.982]", "**no** |"],
+        ["n/a both score 0 on validation and test: nothing to rank them by"] * 2 + ["yes |"],
+    ]
+    assert rows[1][0] == "| 50% Wanda sparsity costs accuracy without tuning (80.0% -> 44.2%)."
+    assert "Result: **some claims differ between the runs**." in text
+    assert "a: 600 s (pre-training included); b: 600 s" in text
+
+
+def test_demo_verdicts_refuses_runs_it_cannot_compare(tmp_path):
+    script = ROOT / "benchmarks" / "demo_verdicts.py"
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_demo_results(["- [holds] A claim."])))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**_demo_results(["- [holds] A claim."]), "settings": {"n_test": 24}}))
+    cases = [
+        ([f"a={one}", f"b={other}"], "The runs have different settings"),
+        ([f"a={one}", f"{tmp_path / 'missing.json'}"], "Give each run as LABEL=path/to/results.json, got"),
+        ([f"a={one}", f"b={tmp_path / 'missing.json'}"], "b: no results file at"),
+        ([f"a={one}"], "give at least two runs to compare"),
+    ]
+    for args, message in cases:
+        result = subprocess.run(
+            [sys.executable, str(script), *args, "--results", str(tmp_path / "R.md")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+        assert not (tmp_path / "R.md").exists()
