@@ -70,8 +70,8 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, bool]:
     return "\n".join(lines), same_everywhere
 
 
-def section(runs: list[tuple[str, dict]], command: str) -> str:
-    table, same = compare(runs)
+def section(runs: list[tuple[str, dict]], table: str, same: bool, command: str) -> str:
+    """The RESULTS.md section of `compare(runs)`'s `table` and `same`."""
     timing = "; ".join(
         f"{label}: {results['seconds']:.0f} s{'' if results.get('base_was_cached') else ' (pre-training included)'}"
         for label, results in runs
@@ -99,8 +99,9 @@ def main(argv=None) -> None:
         parser.error("give at least two runs to compare")
     runs = [load(spec) for spec in args.runs]
     command = shlex.join(["python", "benchmarks/demo_verdicts.py", *(argv if argv is not None else sys.argv[1:])])
-    text = section(runs, command)
-    print(compare(runs)[0])
+    table, same = compare(runs)
+    text = section(runs, table, same, command)
+    print(table)
     write_section(args.results, text, MARKERS)
     print(f"\nWrote the section to {args.results}")
 
