@@ -80,7 +80,8 @@ def section(results: dict, command: str) -> str:
   TRL SFTTrainer (loss on the answers); random subnetwork sampling
 - Mode B super-network: {s["steps"]} steps, {s["strategy"]} sampling, {elastic} [1.0, 0.75, 0.5]{groups}; NSGA-II
   search, {s["trials"]} trials on the validation split, cost MACs; latency:
-  batch 8 x 64 tokens, {s["latency_rounds"]} rounds side by side, medians
+  batch 8 x 64 tokens, {s["latency_rounds"]} rounds side by side (each the median of 3 passes), medians; the
+  speedup's interval: paired bootstrap over the rounds
 
 ### Table 2 shape (SQFT / Shears; the papers: Mistral-7B-v0.3 on GSM8K)
 

@@ -61,7 +61,7 @@ def test_worked_steps_choose_the_corpus_problems_and_key_the_cache():
     mixed = [t for t in pretraining_texts(2000, set(), seed=3, worked_fraction=0.3) if t.startswith("Question:")]
     assert {len(EQUATION.findall(t)) for t in mixed} == {1, 2, 3}  # the default: one to three steps
     key = demo_base.BaseSettings().key
-    assert key() == "base-3989b5deb7b0"  # stable across releases: a changed key re-trains every user's base
+    assert key() == "base-8679cf8633b5"  # stable across releases: a changed key re-trains every user's base
     assert key() == demo_base.BaseSettings(worked_steps=(1, 2, 3)).key()
     assert (
         len(
@@ -310,3 +310,16 @@ def test_a_search_claim_between_two_zero_scores_is_not_judged():
     assert silent.endswith("(both score 0 on validation and test: the search had nothing to rank them by)")
     judged = findings(sqft, lonas(hit, 0.25))[-1]
     assert judged.startswith("- [holds] Search finds") and "95% interval" in judged  # 25% >= 0% on every draw
+
+    # the heuristic subnetwork's speedup is judged on its paired timing rounds
+    rows = lonas(hit, 0.25)
+    rows[0].latency_rounds_ms = [10.0, 12.0, 11.0, 13.0] * 5
+    rows[1].latency_rounds_ms = [t / 1.25 for t in rows[0].latency_rounds_ms]  # 1.25x in every round
+    faster = findings(sqft, rows)[-3]
+    assert faster.startswith("- [holds] LoNAS's heuristic subnetwork is smaller (80 vs 100 parameters) and faster")
+    assert faster.endswith("(95% interval [1.25, 1.25])")
+    noise = [0.8, 1.2, 0.9, 1.1] * 5
+    rows[1].latency_rounds_ms = [t * f for t, f in zip(rows[0].latency_rounds_ms, noise, strict=True)]
+    assert findings(sqft, rows)[-3].startswith("- [within noise] LoNAS's heuristic subnetwork is smaller")
+    rows[1].params = 100  # not smaller: differs, whatever the speed
+    assert findings(sqft, rows)[-3].startswith("- [differs] LoNAS's heuristic subnetwork is smaller (100 vs 100")

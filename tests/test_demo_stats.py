@@ -39,3 +39,19 @@ def test_verdicts():
     assert _judged(None, 0.95, "X.") == "- [n/a] X. (undefined: the reference scored 0)"
     with pytest.raises(ValueError, match="at least one problem"):
         stats.resample_indices(0)
+
+
+def test_speedup_interval_is_paired_over_timing_rounds():
+    import random
+
+    rng = random.Random(0)
+    reference = [30.0 * (1 + 0.3 * rng.random()) for _ in range(30)]  # a noisy machine: rounds 30-39 ms
+    assert stats.speedup_interval(reference, list(reference)) == (1.0, 1.0)  # the same times: no spread
+    faster = [t / 1.2 for t in reference]  # every round 1.2x faster, whatever the round's noise
+    low, high = stats.speedup_interval(reference, faster)
+    assert low == pytest.approx(1.2) and high == pytest.approx(1.2)
+    unrelated = [30.0 * (1 + 0.3 * rng.random()) / 1.02 for _ in range(30)]  # 2 % faster, within the noise
+    low, high = stats.speedup_interval(reference, unrelated)
+    assert low < 1.0 < high
+    with pytest.raises(ValueError, match="Paired timings need the same rounds \\(and some\\): 3 vs 2"):
+        stats.speedup_interval([1.0] * 3, [1.0] * 2)

@@ -47,11 +47,13 @@ class CostRow:
     validation_accuracy: float
     params: int
     macs: int
-    latency_ms: float = float("nan")
-    speedup: float = float("nan")
+    latency_ms: float = float("nan")  # median over the rounds
+    speedup: float = float("nan")  # LoRA's median over this model's
     hits: list[bool] = dataclasses.field(default_factory=list, repr=False)  # per test problem
     perplexity: float | None = None
     anatomy: dict[str, float] | None = None  # where the answers go wrong (task.answer_anatomy)
+    #: Per timing round, paired with the other rows' rounds (`stats.speedup_interval`).
+    latency_rounds_ms: list[float] = dataclasses.field(default_factory=list, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ class SearchSettings:
     steps: int = 150
     strategy: str = "sandwich"
     trials: int = 16
-    latency_rounds: int = 10
+    latency_rounds: int = 30
     heads: bool = False
 
 
@@ -147,16 +149,18 @@ def lonas_table(
         rows.append(row(method, small, val_accuracy))
         models.append(small)
 
-    for cost_row, latency in zip(rows, side_by_side_latency(models, search.latency_rounds), strict=True):
-        cost_row.latency_ms = latency * 1000
+    for cost_row, times in zip(rows, side_by_side_latency(models, search.latency_rounds), strict=True):
+        cost_row.latency_rounds_ms = [t * 1000 for t in times]
+        cost_row.latency_ms = sorted(times)[len(times) // 2] * 1000
         cost_row.speedup = rows[0].latency_ms / cost_row.latency_ms if cost_row is not rows[0] else 1.0
     (out / "table1.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 
 
-def side_by_side_latency(models: list, rounds: int) -> list[float]:
-    """Median seconds of one forward pass of each model on the same random tokens, timed in `rounds` rounds that run
-    every model once in an order rotated from round to round (so that a slow spell of the machine hits all)."""
+def side_by_side_latency(models: list, rounds: int, repeats: int = 3) -> list[list[float]]:
+    """Seconds of one forward pass of each model on the same random tokens, per round: `rounds` rounds that time
+    every model (the median of `repeats` passes) in an order rotated from round to round, so that a slow spell of the
+    machine hits all and round i of two models can be compared (`stats.speedup_interval`)."""
     batch, seq_len = LATENCY_INPUT
     vocab = models[0].get_input_embeddings().num_embeddings
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
@@ -166,5 +170,5 @@ def side_by_side_latency(models: list, rounds: int) -> list[float]:
     for round_ in range(rounds):
         for offset in range(len(models)):
             index = (round_ + offset) % len(models)
-            times[index].append(measure_latency(models[index], input_ids, warmup=0, repeats=1).median)
-    return [sorted(t)[len(t) // 2] for t in times]
+            times[index].append(measure_latency(models[index], input_ids, warmup=0, repeats=repeats).median)
+    return times

@@ -60,6 +60,16 @@ def difference_interval(
     return interval(a[indices].mean(dim=1) - b[indices].mean(dim=1))
 
 
+def speedup_interval(reference: list[float], times: list[float], resamples: int = RESAMPLES) -> tuple[float, float]:
+    """The paired bootstrap interval of `median(reference) / median(times)`: per-round forward times of two models
+    timed side by side (round i of both in the same pass over the models), the rounds resampled with replacement."""
+    if len(reference) != len(times) or not times:
+        raise ValueError(f"Paired timings need the same rounds (and some): {len(reference)} vs {len(times)}.")
+    a, b = torch.tensor(reference, dtype=torch.double), torch.tensor(times, dtype=torch.double)
+    indices = resample_indices(len(times), resamples)
+    return interval(a[indices].median(dim=1).values / b[indices].median(dim=1).values)
+
+
 def verdict(low: float, high: float, threshold: float) -> str:
     """ "holds" if the whole interval is at or above `threshold`, "differs" if it is all below, else "within
     noise"."""
