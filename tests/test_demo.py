@@ -311,6 +311,11 @@ def test_a_search_claim_between_two_zero_scores_is_not_judged():
     judged = findings(sqft, lonas(hit, 0.25))[-1]
     assert judged.startswith("- [holds] Search finds") and "95% interval" in judged  # 25% >= 0% on every draw
 
+    rows = lonas([True, True, True, False], 0.75)
+    rows[1].hits, rows[1].accuracy = [True, True, True, False], 0.75  # the heuristic scores: a ratio to it
+    same = findings(sqft, rows)[-1]
+    assert same.startswith("- [holds] Search finds") and "100.0% of it" in same and same.endswith("[1, 1])")
+
     # the heuristic subnetwork's speedup is judged on its paired timing rounds
     rows = lonas(hit, 0.25)
     rows[0].latency_rounds_ms = [10.0, 12.0, 11.0, 13.0] * 5

@@ -67,7 +67,7 @@ class SearchSettings:
     steps: int = 150
     strategy: str = "sandwich"
     trials: int = 16
-    latency_rounds: int = 30
+    latency_rounds: int = 60
     heads: bool = False
 
 
