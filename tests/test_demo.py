@@ -61,7 +61,8 @@ def test_worked_steps_choose_the_corpus_problems_and_key_the_cache():
     mixed = [t for t in pretraining_texts(2000, set(), seed=3, worked_fraction=0.3) if t.startswith("Question:")]
     assert {len(EQUATION.findall(t)) for t in mixed} == {1, 2, 3}  # the default: one to three steps
     key = demo_base.BaseSettings().key
-    assert key() == "base-8679cf8633b5"  # stable across releases: a changed key re-trains every user's base
+    assert key() == "base-3027c1e30a46"  # stable across releases: a changed key re-trains every user's base
+    assert demo_base.BaseSettings(pack_width=None).key() not in (key(), "base-8679cf8633b5")  # packing keys it
     assert key() == demo_base.BaseSettings(worked_steps=(1, 2, 3)).key()
     assert (
         len(
@@ -123,6 +124,58 @@ def test_word_tokenizer_keeps_prompts_as_prefixes_and_digits_apart():
     broken = sum(plain(t).input_ids[: len(plain(p["prompt"]).input_ids)] != plain(p["prompt"]).input_ids
                  for p, t in zip(problems, texts, strict=True))  # fmt: skip
     assert broken > 0
+
+
+def test_packed_pretraining_batch_has_the_padded_batchs_loss_and_gradient():
+    import torch
+
+    from peft_elastic.toy import tiny_llama
+
+    texts = pretraining_texts(24, set(), seed=3, worked_fraction=0.3)
+    tokenizer = train_tokenizer(texts, vocab_size=120, words=True)
+    packed, padded = demo_base.packed_batch(tokenizer, texts), demo_base.padded_batch(tokenizer, texts)
+    lengths = padded["attention_mask"].sum(1)
+    assert packed["input_ids"].shape == (packed["input_ids"].shape[0], int(lengths.max()))
+    wide = demo_base.packed_batch(tokenizer, texts, width=2 * int(lengths.max()))
+    assert (
+        wide["input_ids"].shape[1] == 2 * int(lengths.max())
+        and wide["input_ids"].numel() < packed["input_ids"].numel()
+    )
+    assert packed["input_ids"].shape[0] < len(texts)  # fewer rows than documents: the padding is gone
+    real = packed["labels"] != -100
+    assert int(real.sum()) == int((lengths - 1).sum())  # every token but each document's first is predicted
+    starts = packed["position_ids"] == 0
+    assert int((starts & (packed["input_ids"] != tokenizer.pad_token_id)).sum()) == len(texts)
+    assert sorted(packed["input_ids"][real].tolist()) == sorted(
+        padded["labels"][:, 1:][padded["labels"][:, 1:] != -100].tolist()
+    )
+
+    def loss_and_grads(batch):
+        model = tiny_llama(vocab_size=len(tokenizer), seed=1)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+
+    def largest_difference(grads, expected):  # relative to each parameter's largest gradient
+        return max(float((grads[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in expected)
+
+    (loss, grads), (expected, expected_grads) = loss_and_grads(packed), loss_and_grads(padded)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert largest_difference(grads, expected_grads) < 1e-5  # measured: 3.5e-7
+    loss, grads = loss_and_grads(wide)  # two or three documents a row
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert largest_difference(grads, expected_grads) < 1e-5
+    # without the restarts the documents would attend to each other: another gradient (what the test guards; 0.18)
+    unmasked = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+    assert largest_difference(loss_and_grads(unmasked)[1], expected_grads) > 1e-2
+
+
+@pytest.mark.parametrize("width", [0, -3, 2.5, True, "100"])
+def test_pack_width_must_be_a_number_of_tokens(width):
+    with pytest.raises(
+        ValueError, match=f"pack_width must be a number of tokens >= 1, or None .*got {re.escape(repr(width))}"
+    ):
+        demo_base.BaseSettings(pack_width=width)
 
 
 def test_base_is_built_once_per_setting_and_never_half_written(tmp_path, monkeypatch):
@@ -218,7 +271,9 @@ def test_quick_demo_tables(quick_demo):
 
 
 #: What a quiet run must not print: library banners, log records and per-batch progress lines.
-NOISE = re.compile(r"\bINFO\b|\bWARNING\b|GPTQModel|gptqmodel|it/s\]|Loading weights|%\|")
+NOISE = re.compile(
+    r"\bINFO\b|\bWARNING\b|GPTQModel|gptqmodel|it/s\]|Loading weights|%\||Failed to load|^[WIE]\d{4} \d\d:", re.M
+)
 
 
 def test_quick_demo_output_is_a_screenful_per_table(quick_demo):

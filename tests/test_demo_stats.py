@@ -35,6 +35,16 @@ def test_verdicts():
     assert stats.verdict(0.96, 1.02, 0.95) == "holds"
     assert stats.verdict(0.80, 0.94, 0.95) == "differs"
     assert stats.verdict(0.90, 1.00, 0.95) == "within noise"
+    assert stats.verdict(0.95, 1.00, 0.95) == "holds"  # "at least": reaching the threshold is enough
+    # a strict claim ("beats": a gap above 0) is about the sign: a tie in some resamples is neither verdict
+    assert stats.verdict(0.002, 0.01, 0.0, strict=True) == "holds"
+    assert stats.verdict(0.0, 0.01, 0.0, strict=True) == "within noise"
+    assert stats.verdict(-0.01, 0.0, 0.0, strict=True) == "within noise"  # 99.6 % vs 100 %, two problems apart
+    assert stats.verdict(-0.02, -0.004, 0.0, strict=True) == "differs"
+    assert (
+        _judged((-0.01, 0.0), 0.0, "A beats B.", strict=True)
+        == "- [within noise] A beats B. (95% interval [-0.01, 0])"
+    )
     assert _judged((0.9, 1.0), 0.95, "X.") == "- [within noise] X. (95% interval [0.9, 1])"
     assert _judged(None, 0.95, "X.") == "- [n/a] X. (undefined: the reference scored 0)"
     with pytest.raises(ValueError, match="at least one problem"):

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTQConfig
 
 from .. import NLSConfig, SparsePEFTConfig, heuristic_subnetwork, measure_sparsity, quantize_gptq, set_subnetwork
+from ..quantization.layers import eager_dequantization
 from ..sparsity import save_sparsified, sparsify
 from ..tuners.sparse_peft.monitor import codes_changed
 from .base import load_base
@@ -54,13 +55,16 @@ class Row:
 
 
 def load_gptq(path: Path):
-    """A GPTQ checkpoint on CPU with the standard-layout torch kernel, computing in float32."""
+    """A GPTQ checkpoint on CPU with the standard-layout torch kernel, computing in float32, its dequantization eager
+    (compiling it costs the first run minutes and saves nothing on layers this small: `eager_dequantization`)."""
     config = GPTQConfig(bits=BITS, backend="gptq_torch")
     with warnings.catch_warnings():  # transformers warns that our backend overrides the checkpoint's: we mean it
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=config, dtype=torch.float32, device_map="cpu"
         )
+    eager_dequantization(model)
+    return model
 
 
 def elastic(config_class, settings: FinetuneSettings, **options):

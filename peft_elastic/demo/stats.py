@@ -4,7 +4,8 @@ when a gap is smaller than its spread.
 Every accuracy is a mean of per-problem hits (1 if the greedy answer is right). Resampling the problems with
 replacement (the same resampled problems for every row, so that rows are compared on the same draws) gives the
 spread of each accuracy and of each ratio of two accuracies. A claim "A / B ≥ t" holds when the whole interval of
-A / B is at least `t`, differs when the whole interval is below it, and is within noise otherwise.
+A / B is at least `t`, differs when the whole interval is below it, and is within noise otherwise; a strict claim
+("A beats B") holds only above its threshold and differs only below it, a tie being neither.
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ def speedup_interval(reference: list[float], times: list[float], resamples: int 
     return interval(a[indices].median(dim=1).values / b[indices].median(dim=1).values)
 
 
-def verdict(low: float, high: float, threshold: float) -> str:
-    """ "holds" if the whole interval is at or above `threshold`, "differs" if it is all below, else "within
-    noise"."""
-    if low >= threshold:
+def verdict(low: float, high: float, threshold: float, strict: bool = False) -> str:
+    """ "holds" if the whole interval is at or above `threshold` (`strict`: above it), "differs" if it is all below,
+    else "within noise".
+
+    A strict claim ("A costs / recovers / beats B", "A is faster": a difference above 0, a ratio above 1) is about
+    the sign of a gap: an interval that reaches exactly the threshold — a tie in some resamples, as when both rows
+    are right on all but a few problems — supports neither "holds" nor "differs"."""
+    if low > threshold or (low == threshold and not strict):
         return "holds"
     if high < threshold:
         return "differs"

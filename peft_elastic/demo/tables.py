@@ -100,8 +100,6 @@ def _indices(rows):
 PAPER_RELATIVE = {"shears": 1.023, "sparse_peft": 1.136, "sqft": 1.009, "qa_sparse_peft": 0.998}
 #: How far below the papers' ratio still counts as agreeing with it.
 MARGIN = 0.05
-#: The threshold of a strict claim ("costs", "recovers", "beats"): a gap of exactly zero does not make it hold.
-STRICT = 1e-9
 
 
 def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
@@ -121,14 +119,16 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     lines = [
         _judged(
             gap(dense, sparse),
-            STRICT,
+            0.0,
             f"50% Wanda sparsity costs accuracy without tuning ({dense.accuracy:.1%} -> {sparse.accuracy:.1%}).",
+            strict=True,
         ),
         _judged(
             gap(worst, sparse),
-            STRICT,
+            0.0,
             f"Every fine-tuning method recovers the sparse model (lowest: {worst.method}, {worst.accuracy:.1%}, vs "
             f"{sparse.accuracy:.1%} untuned).",
+            strict=True,
         ),
         _exact(
             abs(sparse_peft.merged_sparsity - sparse.sparsity) < 1e-9 and lora.merged_sparsity < sparse.sparsity,
@@ -146,9 +146,10 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         lines.append(
             _judged(
                 gap(sparse_peft, repruned),
-                STRICT,
+                0.0,
                 f"SparsePEFT beats LoRA merged and pruned again to the same sparsity ({sparse_peft.accuracy:.1%} vs "
                 f"{repruned.accuracy:.1%}).",
+                strict=True,
             )
         )
     for row in tuned[1:]:  # accuracy relative to LoRA, against the papers' ratio less MARGIN
@@ -173,7 +174,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         lines.append(_exact(False, size))
     elif heuristic.latency_rounds_ms:  # the speedup's interval over the paired timing rounds
         interval = stats.speedup_interval(lora_b.latency_rounds_ms, heuristic.latency_rounds_ms)
-        lines.append(_judged(interval, 1.0 + STRICT, size))
+        lines.append(_judged(interval, 1.0, size, strict=True))
     else:  # results of a run that kept medians only
         lines.append(_exact(heuristic.speedup > 1.0, size))
     lines.append(
@@ -209,14 +210,18 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
 
 
 def _judged(
-    bounds: tuple[float, float] | None, threshold: float, text: str, why: str = "undefined: the reference scored 0"
+    bounds: tuple[float, float] | None,
+    threshold: float,
+    text: str,
+    why: str = "undefined: the reference scored 0",
+    strict: bool = False,
 ) -> str:
-    """A claim "quantity >= threshold" judged on the quantity's interval `bounds` (None: not judged, for the reason
-    `why`, e.g. a ratio to an accuracy of 0)."""
+    """A claim "quantity >= threshold" (`strict`: "quantity > threshold") judged on the quantity's interval `bounds`
+    (None: not judged, for the reason `why`, e.g. a ratio to an accuracy of 0)."""
     if bounds is None:
         return f"- [n/a] {text} ({why})"
     low, high = bounds
-    return f"- [{stats.verdict(low, high, threshold)}] {text} (95% interval [{low:.3g}, {high:.3g}])"
+    return f"- [{stats.verdict(low, high, threshold, strict)}] {text} (95% interval [{low:.3g}, {high:.3g}])"
 
 
 def _exact(holds: bool, text: str) -> str:

@@ -69,6 +69,23 @@ def pin_standard_layout(layer: nn.Module) -> None:
         layer.linear_mode = "train"
 
 
+def eager_dequantization(model: nn.Module) -> int:
+    """Run every `TorchLinear` GPTQ layer of `model` with its own (eager) `dequantize_weight`; returns how many layers
+    it changed.
+
+    gptqmodel wraps each `TorchLinear`'s `dequantize_weight` in `torch.compile` when the layer is loaded (`optimize`,
+    an attribute of the instance); inductor then compiles it at its first use in each shape and mode. On small layers
+    that costs more than it saves: the demo's first INT4 fine-tuning spent about 130 s of 2 CPU cores compiling, and
+    ran no faster afterwards than eager (benchmarks/RESULTS.md, the demo section). Deleting the instance attribute
+    restores the class's method; the results are the same."""
+    changed = 0
+    for module in model.modules():
+        if is_gptq_layer(module) and "dequantize_weight" in vars(module):
+            del module.dequantize_weight
+            changed += 1
+    return changed
+
+
 def codes(layer: nn.Module) -> torch.Tensor:
     """The integer codes `q` (in × out, int32) of a standard-layout GPTQ layer."""
     return unpack_rows(layer.qweight, layer.bits, layer.g_idx.shape[0])
