@@ -42,11 +42,11 @@ MARKERS = ("<!-- demo_robustness:start -->", "<!-- demo_robustness:end -->")
 TARGET = 0.90
 #: CPU code paths, as the environment of the process that runs them: "native" is what the libraries pick on this
 #: machine; "portable" forces ATen's default (non-vectorized) kernels and caps MKL's GEMM and oneDNN at SSE4 — other
-#: summation orders, as another CPU would have.
+#: summation orders, as another CPU would have; "avx2" caps all three at AVX2 (a CPU without AVX-512).
 PATHS = {
     "native": {},
     "portable": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
 
 

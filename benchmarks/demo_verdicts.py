@@ -3,12 +3,11 @@ verdicts".) Reads the `results.json` of finished `peft-elastic demo --output DIR
 by claim, and writes the comparison to RESULTS.md.
 
     peft-elastic demo --output A                                           # this machine's code path
-    TORCHDYNAMO_DISABLE=1 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
-        peft-elastic demo --cache-dir C --output B                         # a portable one, with its own base
-    python benchmarks/demo_verdicts.py native=A/results.json portable=B/results.json
-
-(`TORCHDYNAMO_DISABLE=1`: under ATen's default kernels the C++ that inductor generates for gptqmodel's compiled
-dequantization does not build with torch 2.13.)
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        peft-elastic demo --cache-dir C --output B                         # AVX2 at most, with its own base
+    ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
+        peft-elastic demo --cache-dir D --output E                         # a portable one
+    python benchmarks/demo_verdicts.py native=A/results.json avx2=B/results.json portable=E/results.json
 
 Every run must have the same settings (the same claims, in the same order); a claim's verdict is "holds", "differs",
 "within noise" or "n/a" (peft_elastic/demo/tables.py).
@@ -78,7 +77,7 @@ def section(runs: list[tuple[str, dict]], table: str, same: bool, command: str) 
     )
     verdict = "every claim has the same verdict on every run" if same else "**some claims differ between the runs**"
     return f"""{MARKERS[0]}
-## The demo's verdicts on two CPU code paths (`benchmarks/demo_verdicts.py`)
+## The demo's verdicts on several CPU code paths (`benchmarks/demo_verdicts.py`)
 
 - Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}; machine: {cpu_model()}
 - Command (from the repository root): `{command}`; the runs: {timing}

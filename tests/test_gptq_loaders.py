@@ -279,6 +279,30 @@ def test_the_checkpoint_runs_in_each_loader_and_keeps_its_zeros(checkpoint, floa
     check_sparsity(path, model, stored)
 
 
+def test_eager_dequantization_restores_the_kernels_own_method(checkpoint, float_model, input_ids):
+    """gptqmodel compiles each TorchLinear's dequantization when it loads; `eager_dequantization` undoes it on every
+    layer (the demo's loader does, to spare the first run inductor's compile) and the logits stay the checkpoint's."""
+    from peft_elastic.quantization.layers import eager_dequantization
+
+    path, _ = checkpoint
+    model = load_gptq(path)
+    layers = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    assert all("dequantize_weight" in vars(m) for m in layers)  # gptqmodel's compiled wrapper, per instance
+    assert eager_dequantization(model) == len(layers)
+    assert not any("dequantize_weight" in vars(m) for m in layers)
+    assert eager_dequantization(model) == 0  # nothing left to undo
+    model.train()  # the training path (a float32 dequantization per forward), as QA-SparsePEFT and SQFT run it
+    with torch.no_grad():
+        trained = model(input_ids).logits
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        reference = checkpoint_reference(path, float_model)(input_ids).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained, reference, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- merged QA-SparsePEFT
 
 

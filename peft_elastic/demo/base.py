@@ -37,7 +37,7 @@ class BaseSettings:
     #: The base learns to copy a story's numbers into its equations late in pre-training, and the cosine decay's end
     #: completes it: at 1200 steps the base answered 80.0 % of the test problems untuned on this machine's AVX2 code
     #: path and 99.8 % on a portable one, and the verdicts near a threshold followed the base; at 1800 steps both
-    #: paths are past it (benchmarks/RESULTS.md, "The demo's verdicts on two CPU code paths").
+    #: paths are past it (benchmarks/RESULTS.md, "The demo's verdicts on several CPU code paths").
     steps: int = 1800
     batch_size: int = 32
     learning_rate: float = 2e-3

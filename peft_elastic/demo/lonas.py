@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -97,13 +98,20 @@ def lonas_table(
     model, tokenizer = load_base(base_dir)
     train = data["train"]
     seq_len = LATENCY_INPUT[1]
+    clock = [time.perf_counter()]
+
+    def seconds() -> float:
+        """Seconds since the last call (since the start, at the first)."""
+        now = time.perf_counter()
+        elapsed, clock[0] = now - clock[0], now
+        return elapsed
 
     def row(method: str, model, validation_accuracy: float) -> CostRow:
         score = scoring.score(model)
         params, macs = count_parameters(model), count_macs(model, seq_len=seq_len)
         result = CostRow(method, score.accuracy, validation_accuracy, params, macs, hits=score.hits)
         result.perplexity, result.anatomy = score.perplexity, score.anatomy
-        log(f"  {method}: {score.summary()}")
+        log(f"  {method}: {score.summary()} ({seconds():.0f} s)")
         return result
 
     lora = finetune(model, lora_config(settings), tokenizer, train, settings, log=log)
@@ -125,10 +133,12 @@ def lonas_table(
     budget = dataclasses.replace(settings, steps=search.steps)
     supernet = finetune(base, config, tokenizer, train, budget, search.strategy, log)
     supernet.save_pretrained(out / "lonas-super-adapter")
+    log(f"  Mode B super-network ({search.strategy}): {seconds():.0f} s with the importance ordering")
 
     # the search seeds the maximal, heuristic and minimal subnetworks: their validation accuracy and MACs come with it
     result = run_search(supernet, scoring.validation, "nsga2", "macs", search.trials, seq_len=seq_len, progress=False)
     result.save(out / "lonas-search.json")
+    log(f"  NSGA-II search: {search.trials} trials on the validation split, cost MACs ({seconds():.0f} s)")
     heuristic = result.heuristic
     within = [t for t in result.complete() if t["cost"] <= heuristic["cost"]]
     chosen = [("LoNAS (heuristic subnetwork)", heuristic["subnetwork"], heuristic["metric"])]
@@ -153,6 +163,7 @@ def lonas_table(
         cost_row.latency_rounds_ms = [t * 1000 for t in times]
         cost_row.latency_ms = sorted(times)[len(times) // 2] * 1000
         cost_row.speedup = rows[0].latency_ms / cost_row.latency_ms if cost_row is not rows[0] else 1.0
+    log(f"  latency: {search.latency_rounds} rounds of the {len(models)} models side by side ({seconds():.0f} s)")
     (out / "table1.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
 
