@@ -36,7 +36,8 @@ LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
 #: CPU code paths; 80 % or 99.8 % after 1200) rather than teaching a new one. With worked problems of one or two
 #: steps only, whether the base came out able to chain a third step depended on the float rounding of the CPU's code
 #: path (benchmarks/RESULTS.md, "The demo's LoRA across seeds and CPU code paths": LoRA 50 % on one path, 97 % on
-#: another); with three-step ones LoRA reaches 96.8-100 % on both, over three seeds.
+#: another); with three-step ones LoRA reaches 99.4-100 % on three code paths, over three seeds (96.8-100 % on the
+#: 1200-step base of 2026-12-01).
 TASK_STEPS = (2, 3)
 PRETRAINING_STEPS = (1, 2, 3)
 QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
