@@ -30,7 +30,7 @@ from torch import nn
 
 from ..io import check_export_target, export_directory
 from ..sparsity.calibration import calibration_batches
-from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, restored_environment
+from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, release_gptqmodel_threads, restored_environment
 from .mask import MASK_FILE, SparsityMaskWriter, load_sparsity_mask
 from .packing import SUPPORTED_BITS, check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
@@ -161,6 +161,8 @@ def quantize_gptq(
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
 
     with contextlib.ExitStack() as stack:
+        # gptqmodel's idle workers would keep OpenMP thread teams alive and slow every later torch op of the process
+        stack.callback(release_gptqmodel_threads)
         stack.enter_context(quieted(verbose))
         source = _source_checkpoint(source, tokenizer, stack)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(source)

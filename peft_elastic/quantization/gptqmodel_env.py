@@ -99,6 +99,25 @@ def import_gptqmodel(verbose: bool = False):
     return gptqmodel
 
 
+def release_gptqmodel_threads() -> bool:
+    """Stop the worker threads of gptqmodel's device thread pool (it builds them again, lazily, when next needed);
+    returns whether there were any.
+
+    Each worker runs torch operations (a warm-up, calibration, packing, loading) and so owns an OpenMP thread team of
+    its own, which outlives the work while the worker waits for more. With more OpenMP threads alive than CPU cores,
+    libgomp stops spinning between parallel regions and puts its threads to sleep, and every later parallel region of
+    the process pays a wake-up: on 2 cores the demo's fine-tuning after `quantize_gptq` ran at 0.6x its speed (LoRA's
+    150 steps in 24.6 s instead of 14.9 s with two such idle threads alive, 281,754 voluntary context switches instead
+    of 449; 13.6 s again once they exited: benchmarks/RESULTS.md, the demo section)."""
+    gptqmodel = sys.modules.get("gptqmodel")
+    pool = getattr(gptqmodel, "_DEVICE_THREAD_POOL", None)
+    if pool is None:
+        return False
+    pool.shutdown(wait=True)
+    gptqmodel._DEVICE_THREAD_POOL = None  # `get_device_thread_pool()` builds a new one on demand
+    return True
+
+
 def quiet_gptqmodel_logs() -> None:
     """Show only errors of gptqmodel's logger (LogBar's shared logger) from now on, for a whole process such as the
     command line's (its progress bars are not log records: wrap the work in `quieted` for those)."""
@@ -112,5 +131,6 @@ __all__ = [
     "import_gptqmodel",
     "quiet_gptqmodel_logs",
     "quieted",
+    "release_gptqmodel_threads",
     "restored_environment",
 ]
