@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .fsdp import full_parameters, require_gathered
 from .importance import check_base_fingerprint
 from .io import export_directory
 from .subnetwork import _groups, _validated, dropped_blocks, module_ranks, module_widths
@@ -40,6 +41,7 @@ def compressed_state(
         raise ValueError(
             f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
+    require_gathered(model, "export_compressed_model")
     adapter_name, groups = _groups(model, adapter_name)
     chosen = _validated(subnetwork or {}, groups)
     ranks = module_ranks(model, chosen, adapter_name)
@@ -216,11 +218,19 @@ def export_compressed_model(
     and save the smaller model (and `tokenizer`, if given) to `save_directory`, a new or empty folder (a non-empty
     one is refused unless `overwrite`, which replaces it whole). The folder is written under a temporary name,
     reloaded and checked, then renamed into place. Load it with `AutoModelForCausalLM.from_pretrained` when every
-    layer has the same sizes, else with `peft_elastic.load_compressed_model`. Returns the directory."""
+    layer has the same sizes, else with `peft_elastic.load_compressed_model`. A model sharded by FSDP: call it on
+    every rank; the weights are gathered and rank 0 writes. Returns the directory."""
     if not isinstance(model, PeftModel):
         raise ValueError(
             f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
+    with full_parameters(model) as writes:
+        if writes:
+            _write_compressed(model, save_directory, subnetwork, adapter_name, tokenizer, overwrite)
+    return Path(save_directory)
+
+
+def _write_compressed(model, save_directory, subnetwork, adapter_name, tokenizer, overwrite) -> None:
     with export_directory(save_directory, overwrite) as staging:
         compressed = compressed_model(model, subnetwork, adapter_name)
         compressed.save_pretrained(staging)
@@ -232,7 +242,6 @@ def export_compressed_model(
                 raise RuntimeError(
                     f"The saved compressed model did not read back as written ({key}); nothing was saved."
                 )
-    return Path(save_directory)
 
 
 def load_compressed_model(path: str | os.PathLike, **kwargs) -> nn.Module:

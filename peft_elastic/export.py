@@ -31,6 +31,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .fsdp import full_parameters, require_gathered
 from .io import export_directory
 from .subnetwork import _rank_groups, module_ranks, removed_from_base
 
@@ -55,6 +56,7 @@ def sub_adapter_state(
             f"export needs the PeftModel returned by get_peft_model / PeftModel.from_pretrained, got "
             f"{type(model).__name__}."
         )
+    require_gathered(model, "sub_adapter_state")
     adapter_name, groups = _rank_groups(model, adapter_name)
     config = model.peft_config[adapter_name]
     ranks = module_ranks(model, subnetwork, adapter_name)
@@ -134,7 +136,15 @@ def export_sub_adapter(
     `lora_alpha / r` to every module (vLLM) read right too: the same outputs either way. `uniform_rank` writes every
     module at one rank (see `sub_adapter_state`). `save_directory` must be new or empty (a non-empty one is refused
     unless `overwrite`, which replaces it whole); the folder is written under a temporary name, verified, then
-    renamed into place. Returns the directory."""
+    renamed into place. A model sharded by FSDP: call it on every rank; the weights are gathered and rank 0 writes.
+    Returns the directory."""
+    with full_parameters(model) as writes:
+        if writes:
+            _write_sub_adapter(model, save_directory, subnetwork, adapter_name, uniform_rank, overwrite)
+    return Path(save_directory)
+
+
+def _write_sub_adapter(model, save_directory, subnetwork, adapter_name, uniform_rank, overwrite) -> None:
     with export_directory(save_directory, overwrite) as staging:
         lora_config, tensors = sub_adapter_state(model, subnetwork, adapter_name, uniform_rank)
         lora_config.save_pretrained(str(staging), auto_mapping_dict=_auto_mapping(model, lora_config))
@@ -149,7 +159,6 @@ def export_sub_adapter(
             lora_config.rank_pattern,
         ):
             raise RuntimeError(f"The exported config in {staging} did not read back as written; nothing was saved.")
-    return Path(save_directory)
 
 
 def _auto_mapping(model: PeftModel, config: LoraConfig) -> dict[str, str] | None:

@@ -292,13 +292,17 @@ def test_demo_robustness_quick_run_compares_two_code_paths(tmp_path):
     text = results.read_text()
     assert text.count("<!-- demo_robustness:start -->") == text.count("<!-- demo_robustness:end -->") == 1
     assert f"`python benchmarks/demo_robustness.py {' '.join(args)}`" in text
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(row[0][2:], row[3]) for row in rows] == [
-        ("native", "0"),
-        ("native", "1"),
-        ("portable", "0"),
-        ("portable", "1"),
-    ]
+    lines = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    headers = [i for i, row in enumerate(lines) if row[0] == "| code path"]
+    assert len(headers) == 2  # LoRA per seed; Table 2's SparsePEFT vs re-pruned LoRA per seed
+    runs = [("native", "0"), ("native", "1"), ("portable", "0"), ("portable", "1")]
+    assert [(row[0][2:], row[3]) for row in lines[headers[0] + 1 : headers[1]]] == runs
+    gap_rows = lines[headers[1] + 1 :]
+    assert [(row[0][2:], row[2]) for row in gap_rows] == runs
+    for row in gap_rows:  # the gap column is SparsePEFT's accuracy minus re-pruned LoRA's, with its interval
+        repruned, sparse_peft = (float(cell.rstrip("%")) for cell in row[4:6])
+        assert float(row[6].split("%")[0]) == pytest.approx(sparse_peft - repruned, abs=0.06)
+    assert re.search(r"SparsePEFT - re-pruned LoRA over 4 runs: mean [+-]\d+\.\d\d%, range", text)
     records = {p: json.loads((work / f"record-{p}.json").read_text()) for p in ("native", "portable")}
     # each path ran in its own process with its own switches: ATen itself reports the portable kernels
     assert records["portable"]["aten_capability"] == "DEFAULT" != records["native"]["aten_capability"]
@@ -307,6 +311,9 @@ def test_demo_robustness_quick_run_compares_two_code_paths(tmp_path):
     for record in records.values():
         assert (work / f"cache-{record['capability']}").is_dir()  # a base per code path
         assert len(record["dense"]) == 24 and all(len(hits) == 24 for hits in record["lora"].values())
+        assert len(record["sparse"]) == 24
+        for key in ("lora_sparse", "lora_repruned", "sparse_peft"):
+            assert sorted(record[key]) == ["0", "1"] and all(len(hits) == 24 for hits in record[key].values())
     assert re.search(r"LoRA over 4 runs \(seeds x code paths\): mean \d+\.\d%, range", text)
 
 

@@ -98,6 +98,13 @@ REAL_QUICK = dataclasses.replace(
 )
 
 
+def calibration_texts(settings: DemoSettings, data: dict) -> list[str]:
+    """The texts Wanda, GPTQ and the importance ordering read: real English (pydoc) or the first training problems."""
+    if settings.calibration == "pydoc":
+        return pydoc_texts("calibration")[: settings.calibration_samples]
+    return [p["prompt"] + p["completion"] for p in data["train"][: settings.calibration_samples]]
+
+
 def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print, model: str | None = None) -> dict:
     """Run the demo; print its progress and tables with `log`; write `tables.md` and `results.json` (and every
     model and adapter it made) to `output_dir`. `model`: a real model to run the pipelines on (a hub id, a folder, a
@@ -120,10 +127,7 @@ def run(settings: DemoSettings, output_dir: Path, cache_dir: Path, log=print, mo
     if tokenizer.pad_token is None:  # batches are padded
         tokenizer.pad_token = tokenizer.eos_token
     scoring = Scoring(data, tokenizer, settings.perplexity_samples)
-    if settings.calibration == "pydoc":
-        calibration = pydoc_texts("calibration")[: settings.calibration_samples]
-    else:
-        calibration = [p["prompt"] + p["completion"] for p in data["train"][: settings.calibration_samples]]
+    calibration = calibration_texts(settings, data)
     stages = {"setup": round(time.perf_counter() - start, 1)}
 
     log(f"\nTable 2 pipelines (50% Wanda sparsity; {settings.finetune.steps} fine-tuning steps each):")

@@ -79,6 +79,11 @@ def heuristic(model):
     return model
 
 
+def prune(model, calibration: list[str], tokenizer):
+    """The table's sparse base: 50 % Wanda, calibrated on `calibration` (in place); returns the sparsity report."""
+    return sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
+
+
 def sqft_table(
     base_dir: Path,
     data: dict,
@@ -113,17 +118,14 @@ def sqft_table(
     def sparse_base():
         return load_base(out / "sparse-base")[0]
 
-    def prune(model):
-        return sparsify(model, calibration, "wanda", 0.5, tokenizer=tokenizer, max_length=128, progress=False)
-
     add("dense", "w/o tune (dense)", model, measure_sparsity(model).sparsity, None, "FP32")
-    report = prune(model)
+    report = prune(model, calibration, tokenizer)
     save_sparsified(model, out / "sparse-base", report, tokenizer)
     add("sparse", "w/o tune (50% Wanda)", model, report.sparsity, None, "FP32")
 
     lora = tune(sparse_base(), lora_config(settings), strategy=None)
     merged = _deployed_unmerged(add, "lora", "LoRA", lora, report.sparsity, "FP32 + FP32")
-    repruned = prune(merged)  # the baseline SparsePEFT must beat: merge LoRA, then prune again
+    repruned = prune(merged, calibration, tokenizer)  # SparsePEFT's baseline: merge LoRA, then prune again
     add("lora_repruned", "LoRA merged, re-pruned to 50%", merged, repruned.sparsity, repruned.sparsity, "FP32")
 
     shears = tune(sparse_base(), elastic(NLSConfig, settings))

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...fsdp import refuse_sharded
 from ...quantization.layers import is_gptq_layer, pin_standard_layout, save_in_checkpoint_format
 from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
@@ -168,6 +169,7 @@ class ElasticLoraModel(LoraModel):
         block_groups(model, config, adapter_name)  # also installs the blocks' skip hooks
 
     def _check_merge_allowed(self) -> None:
+        refuse_sharded(self.model, "Merging the adapter")
         if getattr(self.model, "quantization_method", None) == "gptq":
             raise ValueError(
                 "Cannot merge LoRA layers into a gptq quantized model: rounding the adapter's update to the GPTQ grid "

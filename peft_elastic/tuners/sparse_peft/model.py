@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ...fsdp import refuse_sharded
 from ...quantization.layers import check_standard_layout, is_gptq_layer
 from ..elastic_lora import layer as elastic_layer
 from ..elastic_lora.model import ElasticLoraModel, _elastic_class
@@ -100,6 +101,7 @@ class SparsePEFTModel(ElasticLoraModel):
         (whose merge is exact). Any other adapted GPTQ layer raises its reason here, before anything is merged."""
         from .gptq import GPTQLinear, QAGPTQLinear
 
+        refuse_sharded(self.model, "Merging the adapter")
         if getattr(self.model, "quantization_method", None) != "gptq":
             return super()._check_merge_allowed()
         for module in self.model.modules():
