@@ -10,7 +10,7 @@ sharded model with what to do instead (`refuse_sharded`).
     shard_model(model)                      # every decoder block, then the whole model, on the default mesh
     ...train...
     export_sub_adapter(model, "sub")        # on every rank: gathered, written once by rank 0
-    with gathered(model):                   # any other read of the full weights (every rank enters)
+    with gathered(model, all_ranks=False):  # any other read of the full weights (every rank enters)
         if dist.get_rank() == 0:
             model.save_pretrained("adapter")
 """

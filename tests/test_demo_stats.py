@@ -65,3 +65,55 @@ def test_speedup_interval_is_paired_over_timing_rounds():
     assert low < 1.0 < high
     with pytest.raises(ValueError, match="Paired timings need the same rounds \\(and some\\): 3 vs 2"):
         stats.speedup_interval([1.0] * 3, [1.0] * 2)
+
+
+def test_training_noise_widens_an_interval_in_quadrature():
+    # no noise: the bootstrap interval as it is
+    assert stats.with_training_noise((0.004, 0.022), 0.012, 0.0) == (0.004, 0.022)
+    low, high = stats.with_training_noise((0.004, 0.022), 0.012, 0.01)
+    z = 1.959964
+    assert low == pytest.approx(0.012 - (0.008**2 + (z * 0.01) ** 2) ** 0.5, rel=1e-6)
+    assert high == pytest.approx(0.012 + (0.010**2 + (z * 0.01) ** 2) ** 0.5, rel=1e-6)
+    # a gap that clears the bootstrap over problems but not the run-to-run spread: within noise, not "holds"
+    assert stats.verdict(0.004, 0.022, 0.0, strict=True) == "holds"
+    assert stats.verdict(low, high, 0.0, strict=True) == "within noise"
+    # a gap far above both stays a finding
+    assert stats.verdict(*stats.with_training_noise((0.35, 0.43), 0.39, 0.01), 0.0, strict=True) == "holds"
+    assert stats.with_training_noise((1.0, 1.0), 1.0, 0.005) == pytest.approx((1.0 - z * 0.005, 1.0 + z * 0.005))
+    with pytest.raises(ValueError, match="at least 0; got -0.1"):
+        stats.with_training_noise((0.0, 1.0), 0.5, -0.1)
+
+
+def test_findings_widen_the_claims_whose_training_noise_was_measured():
+    from peft_elastic.demo.lonas import CostRow
+    from peft_elastic.demo.sqft import Row
+    from peft_elastic.demo.tables import findings
+
+    n = 500
+
+    def row(key, right):
+        hits = [i < right for i in range(n)]
+        return Row(key, key, right / n, 0.5, 0.0 if key in ("lora", "shears") else 0.5, "FP32", hits)
+
+    # dense 499 right, sparse 300; every tuned row 499, re-pruned LoRA 493 (six problems below SparsePEFT)
+    right = {"dense": 499, "sparse": 300, "lora_repruned": 493}
+    keys = ["dense", "sparse", "lora", "lora_repruned", "shears", "sparse_peft", "sqft", "qa_sparse_peft"]
+    sqft = [row(key, right.get(key, 499)) for key in keys]
+    hits = [True] * 400 + [False] * 100
+    lonas = [
+        CostRow("LoRA (merged)", 0.8, 0.8, 100, 100, 10.0, 1.0, hits),
+        CostRow("LoNAS (heuristic subnetwork)", 0.8, 0.8, 80, 80, 8.0, 1.25, list(hits)),
+    ]
+    quiet = findings(sqft, lonas)
+    noisy = findings(sqft, lonas, {"sparse_peft - lora_repruned": 0.01})
+    [before] = [line for line in quiet if "SparsePEFT beats" in line]
+    [after] = [line for line in noisy if "SparsePEFT beats" in line]
+    assert before.startswith("- [holds]") and after.startswith("- [within noise]")
+    low, high = (float(x) for x in after.rsplit("[", 1)[1].rstrip("])").split(", "))
+    assert low < 0 < 0.012 < high  # widened around the gap of 6 of 500 problems
+    assert [line for line in quiet if line != before] == [line for line in noisy if line != after]  # only that one
+    # a ratio claim keyed "a / b" is widened the same way
+    shears = findings(sqft, lonas, {"shears / lora": 0.02})
+    assert [line for line in shears if "shears reaches" in line] != [
+        line for line in quiet if "shears reaches" in line
+    ]

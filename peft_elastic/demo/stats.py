@@ -6,9 +6,17 @@ replacement (the same resampled problems for every row, so that rows are compare
 spread of each accuracy and of each ratio of two accuracies. A claim "A / B ≥ t" holds when the whole interval of
 A / B is at least `t`, differs when the whole interval is below it, and is within noise otherwise; a strict claim
 ("A beats B") holds only above its threshold and differs only below it, a tie being neither.
+
+Resampling the problems does not see training noise: another seed, or another CPU code path (other float roundings,
+another trajectory), fine-tunes another adapter that scores otherwise on the same problems. Where that noise has been
+measured (`benchmarks/demo_robustness.py`: its standard deviation over seeds and code paths), a comparison of
+fine-tuned rows is judged on its interval widened by it (`with_training_noise`).
 """
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import torch
 
@@ -69,6 +77,22 @@ def speedup_interval(reference: list[float], times: list[float], resamples: int 
     a, b = torch.tensor(reference, dtype=torch.double), torch.tensor(times, dtype=torch.double)
     indices = resample_indices(len(times), resamples)
     return interval(a[indices].median(dim=1).values / b[indices].median(dim=1).values)
+
+
+def with_training_noise(
+    bounds: tuple[float, float], estimate: float, noise: float, level: float = LEVEL
+) -> tuple[float, float]:
+    """`bounds`, the bootstrap interval over test problems of a quantity measured as `estimate`, widened by training
+    noise of standard deviation `noise` (independent of which problems are drawn): each side's distance from the
+    estimate combined in quadrature with z·noise, z the normal quantile of `level` (1.96 at 95 %); noise 0: as is."""
+    if noise < 0:
+        raise ValueError(f"Training noise is a standard deviation, at least 0; got {noise}.")
+    if noise == 0:
+        return bounds
+    low, high = bounds
+    spread = statistics.NormalDist().inv_cdf((1 + level) / 2) * noise
+    below, above = max(0.0, estimate - low), max(0.0, high - estimate)
+    return estimate - math.hypot(below, spread), estimate + math.hypot(above, spread)
 
 
 def verdict(low: float, high: float, threshold: float, strict: bool = False) -> str:

@@ -8,6 +8,8 @@ counts are exact.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from . import stats
 from .lonas import CostRow
 from .sqft import Row
@@ -102,9 +104,14 @@ PAPER_RELATIVE = {"shears": 1.023, "sparse_peft": 1.136, "sqft": 1.009, "qa_spar
 MARGIN = 0.05
 
 
-def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
+def findings(sqft: list[Row], lonas: list[CostRow], training_noise: Mapping[str, float] | None = None) -> list[str]:
     """The papers' claims, each checked against these tables: one line per claim, saying whether it holds here,
-    differs, or is within noise (the 95 % bootstrap interval of the compared quantity straddles the threshold)."""
+    differs, or is within noise (the 95 % bootstrap interval of the compared quantity straddles the threshold).
+    `training_noise`: the measured run-to-run standard deviation (seeds, CPU code paths: benchmarks/demo_robustness.py)
+    of a compared quantity, keyed "a - b" (accuracy of the row of key a minus b's) or "a / b" (their ratio); a claim
+    about it is judged on its interval widened by it (`stats.with_training_noise`). Quantities without a measured
+    noise are judged on the bootstrap over test problems alone."""
+    noise = dict(training_noise or {})
     indices = _indices(sqft)
     by = {row.key: row for row in sqft}
     dense, sparse, lora = by["dense"], by["sparse"], by["lora"]
@@ -113,8 +120,17 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
     worst = min(tuned, key=lambda r: r.accuracy)
 
     def gap(a, b) -> tuple[float, float]:
-        """Interval of accuracy(a) - accuracy(b) (paired)."""
-        return stats.difference_interval(a.hits, b.hits, indices)
+        """Interval of accuracy(a) - accuracy(b) (paired), widened by its training noise where measured."""
+        bounds = stats.difference_interval(a.hits, b.hits, indices)
+        return stats.with_training_noise(bounds, a.accuracy - b.accuracy, noise.get(f"{a.key} - {b.key}", 0.0))
+
+    def ratio(a, b, resamples, key: str) -> tuple[float, float] | None:
+        """Interval of accuracy(a) / accuracy(b) (paired), widened by the training noise of `key` where measured;
+        None if b scored 0."""
+        if not b.accuracy:
+            return None
+        bounds = stats.ratio_interval(a.hits, b.hits, resamples)
+        return stats.with_training_noise(bounds, a.accuracy / b.accuracy, noise.get(key, 0.0))
 
     lines = [
         _judged(
@@ -154,12 +170,12 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         )
     for row in tuned[1:]:  # accuracy relative to LoRA, against the papers' ratio less MARGIN
         paper = PAPER_RELATIVE[row.key]
-        ratio = row.accuracy / lora.accuracy if lora.accuracy else 0.0
+        relative = row.accuracy / lora.accuracy if lora.accuracy else 0.0
         lines.append(
             _judged(
-                stats.ratio_interval(row.hits, lora.hits, indices) if lora.accuracy else None,
+                ratio(row, lora, indices, f"{row.key} / lora"),
                 paper - MARGIN,
-                f"{row.method} reaches {ratio:.1%} of LoRA's accuracy (the papers: {paper:.1%}; agreeing means at "
+                f"{row.method} reaches {relative:.1%} of LoRA's accuracy (the papers: {paper:.1%}; agreeing means at "
                 f"least {paper - MARGIN:.1%}).",
             )
         )
@@ -179,7 +195,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         lines.append(_exact(heuristic.speedup > 1.0, size))
     lines.append(
         _judged(
-            stats.ratio_interval(heuristic.hits, lora_b.hits, lonas_indices) if lora_b.accuracy else None,
+            ratio(heuristic, lora_b, lonas_indices, "lonas_heuristic / lonas_lora"),
             0.991 - MARGIN,
             f"LoNAS's heuristic subnetwork keeps {relative:.1%} of LoRA's accuracy (the paper: 99.1%).",
         )
@@ -191,7 +207,7 @@ def findings(sqft: list[Row], lonas: list[CostRow]) -> list[str]:
         if silent:
             bounds, threshold = None, 0.0
         elif heuristic.accuracy:  # the same rule as every ratio claim: at least 1 - MARGIN of the reference
-            bounds, threshold = stats.ratio_interval(best.hits, heuristic.hits, lonas_indices), 1.0 - MARGIN
+            bounds, threshold = ratio(best, heuristic, lonas_indices, "lonas_search / lonas_heuristic"), 1.0 - MARGIN
         else:  # a reference at 0: any accuracy keeps it; judged on the difference
             bounds, threshold = stats.difference_interval(best.hits, heuristic.hits, lonas_indices), 0.0
         kept = _relative(best.accuracy, heuristic.accuracy)
