@@ -94,6 +94,11 @@ def gathered(model: nn.Module, all_ranks: bool = True) -> Iterator[nn.Module]:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    # FSDP leaves the root's parameters unsharded after a forward pass that no backward follows (an evaluation),
+    # and its state-dict hooks reshard them on the rank that calls `state_dict`: reshard every group first, so that
+    # every rank gathers the same parameters in the same order
+    for module in _fsdp_modules(model):
+        module.reshard()
     keep = all_ranks or dist.get_rank() == 0
     swapped, whole = [], {}
     try:

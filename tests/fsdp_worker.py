@@ -1,12 +1,14 @@
 """Training of `test_fsdp.py`: every tuner type, a new random subnetwork per step, SGD — sharded by FSDP2 over the
 ranks of `torchrun` (gloo, CPU), or in one process on the same global batch (the reference).
 
-    torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR GPTQ_CHECKPOINT KIND [KIND ...]
+    torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR GPTQ_CHECKPOINT KIND [KIND ...] [trainer]
 
 Writes, per KIND, `OUT_DIR/KIND/record{RANK}.json` (losses of the global batch, the subnetwork of every step, the
 errors the sharded model gave where a full model is needed) and, from rank 0 only, the artefacts saved from the
 sharded model: `adapter/` (`save_pretrained` of the gathered model), `sub-adapter/` (`export_sub_adapter`) or, for
-Mode B, `compressed/` (`export_compressed_model`) — both exports called on every rank.
+Mode B, `compressed/` (`export_compressed_model`) — both exports called on every rank. `trainer`: an
+`ElasticSFTTrainer` given the Trainer's FSDP2 arguments, which accelerate does not run on CPU; its record holds the
+distributed type accelerate chose and the error `train()` gave.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def train(kind: str, gptq: Path, out: Path, rank: int = 0, world: int = 1) -> di
         record["losses"].append(total.item())
         record["subnetworks"].append(peft_elastic.get_subnetwork(model))
     model.eval()
+    # an evaluation forward pass (no backward follows: FSDP keeps the root's parameters unsharded after it)
+    with torch.no_grad():
+        held_out = torch.randint(3, vocab, (GLOBAL_BATCH, LENGTH), generator=data)
+        record["eval_loss"] = model(input_ids=held_out, labels=held_out).loss.item()
     if world > 1:  # what needs the full model says so instead of reading shards
         for name, action in {
             "merge_and_unload": lambda: model.merge_and_unload(),
@@ -115,6 +121,44 @@ def train(kind: str, gptq: Path, out: Path, rank: int = 0, world: int = 1) -> di
     return record
 
 
+def trainer_with_fsdp_arguments(out: Path) -> dict:
+    """The Trainer path asked for FSDP2 on CPU: what accelerate makes of it, and what `train()` says."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from peft_elastic.toy import arithmetic_problems, train_tokenizer
+    from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
+
+    data = Dataset.from_list(arithmetic_problems(16, seed=0))
+    tokenizer = train_tokenizer([*data["prompt"], *data["completion"]], vocab_size=96)
+    args = SFTConfig(
+        output_dir=str(out / "run"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=32,
+        fsdp="full_shard auto_wrap",
+        fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    )
+    trainer = ElasticSFTTrainer(
+        model=tiny_llama(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=NLSConfig(r=4, lora_alpha=8, rank_choices=[4, 2]),
+        callbacks=[SubnetworkSamplingCallback(strategy="random", seed=0)],
+    )
+    record = {"distributed_type": trainer.accelerator.state.distributed_type.value, "error": None}
+    try:
+        trainer.train()
+    except ValueError as error:
+        record["error"] = str(error)
+    return record
+
+
 def main(out_dir: str, gptq: str, kinds: list[str]) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     faulthandler.enable(open(os.path.join(out_dir, f"fault{rank}.log"), "w"), all_threads=True)
@@ -122,7 +166,10 @@ def main(out_dir: str, gptq: str, kinds: list[str]) -> None:
     for kind in kinds:
         out = Path(out_dir) / kind
         out.mkdir(parents=True, exist_ok=True)
-        record = train(kind, Path(gptq), out, rank, world)
+        if kind == "trainer":
+            record = trainer_with_fsdp_arguments(out)
+        else:
+            record = train(kind, Path(gptq), out, rank, world)
         (out / f"record{rank}.json").write_text(json.dumps(record))
 
 

@@ -333,6 +333,9 @@ def load_example(name: str):
         ("search_subnetwork.py", ["--max-metric-drop", "1.5"], "--max-metric-drop is a relative drop in [0, 1)"),
         ("search_subnetwork.py", ["--adapter", "nowhere"], "--adapter 'nowhere' is not an adapter folder"),
         ("multi_gpu.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ("fsdp.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
+        ("fsdp.py", ["--learning-rate", "0"], "--learning-rate must be positive, got 0.0"),
+        ("fsdp.py", ["--tuner", "lora"], "invalid choice: 'lora'"),
     ],
 )
 def test_arguments_are_validated(name, argv, message, capsys):

@@ -11,6 +11,7 @@ subnetwork is fixed before each pass and not changed until its backward is done)
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from transformers import Trainer
@@ -39,7 +40,24 @@ class ElasticTrainerMixin:
         if callback is not None:
             callback.attach(self)
 
+    def _refuse_unsharded_fsdp(self) -> None:
+        """FSDP asked for (the `fsdp` arguments, or an accelerate config's) that accelerate does not run: say so rather
+        than train a whole replica per process. Accelerate turns FSDP on only for GPU-type devices; on CPU the job
+        silently becomes DDP (measured: `DistributedType.MULTI_CPU`, the model in `DistributedDataParallel`)."""
+        from_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if not (self.args.fsdp or from_env) or getattr(self, "is_fsdp_enabled", False):
+            return
+        asked = "fsdp=" + repr(self.args.fsdp) if self.args.fsdp else "ACCELERATE_USE_FSDP=true, an accelerate config"
+        kind = self.accelerator.state.distributed_type
+        raise ValueError(
+            f"FSDP was requested ({asked}) but accelerate runs this job as {kind.value}, without FSDP: accelerate "
+            "shards only on GPU-type devices (CUDA, XPU, NPU, HPU, ...), so every process would hold a whole "
+            "replica. On CPU, shard with peft_elastic.fsdp.shard_model in a torch training loop (examples/fsdp.py), "
+            "or drop the fsdp arguments to train with DDP."
+        )
+
     def train(self, *args, **kwargs):
+        self._refuse_unsharded_fsdp()
         self._attach_sampling_callback()
         callbacks = self.callback_handler.callbacks
         if has_quantization_aware_layers(self.model) and not any(
