@@ -77,6 +77,13 @@ def shard_model(model: nn.Module, mesh=None, **options) -> nn.Module:
     _, blocks = decoder_blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh, **options)
+    # the embeddings and the head in groups of their own, resharded after their forward pass: in the root's group
+    # they would stay gathered from the forward pass to the end of the backward (FSDP keeps the root unsharded). A
+    # tied pair shares one parameter, which can be in one group only: it stays with the root.
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    if all(e is not None for e in embeddings) and embeddings[0].weight is not embeddings[1].weight:
+        for module in embeddings:
+            fully_shard(module, mesh=mesh, **options)
     fully_shard(model, mesh=mesh, **options)
     return model
 

@@ -45,6 +45,8 @@ CONFIGS = {
         droppable_layers=[1],
     ),
     "nls": lambda: NLSConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=ALL),
+    # tied embeddings: one parameter in two modules, which shard_model leaves in the root's group
+    "nls_tied": lambda: NLSConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=ALL),
     "sparse_peft": lambda: SparsePEFTConfig(r=8, lora_alpha=16, rank_choices=[8, 4], target_modules=ALL),
     "qa_sparse_peft": lambda: SparsePEFTConfig(
         r=8, lora_alpha=16, rank_choices=[8, 4], target_modules=ALL, quantization_aware=True
@@ -61,7 +63,7 @@ def base_model(kind: str, gptq: Path):
         return AutoModelForCausalLM.from_pretrained(
             gptq, quantization_config=config, dtype=torch.float32, device_map="cpu"
         )
-    model = tiny_llama()
+    model = tiny_llama(tie_word_embeddings=kind == "nls_tied")
     if kind == "sparse_peft":
         peft_elastic.sparsify(model, None, "magnitude", 0.5, progress=False)
     return model

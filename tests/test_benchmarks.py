@@ -139,6 +139,17 @@ def quick_section(script: str, name: str, results) -> tuple[str, list[list[str]]
     return text, [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
 
 
+def test_fsdp_memory_quick_run_halves_what_each_of_two_ranks_holds(tmp_path):
+    text, cells = quick_section("fsdp_memory.py", "fsdp_memory", tmp_path / "RESULTS.md")
+    rows = [row for row in cells if row[0] in ("| 1", "| 2")]
+    # ranks, rank, frozen, adapters, gradients, AdamW, held, ratio, RSS: one process, then the two sharded ranks
+    assert [row[:2] for row in rows] == [["| 1", "0"], ["| 2", "0"], ["| 2", "1"]]
+    assert [row[7] for row in rows] == ["1.000", "0.500", "0.500"]
+    # the quick model: 164,416 frozen and 45,056 adapter parameters (float32), halved by sharding
+    assert "45,056 adapter\n  and 164,416 frozen parameters" in text
+    assert [row[2:4] for row in rows] == [["0.6", "0.2"], ["0.3", "0.1"], ["0.3", "0.1"]]
+
+
 def test_mode_b_export_quick_run_writes_its_section(tmp_path):
     text, cells = quick_section("mode_b_export.py", "mode_b_export_quick_seq128", tmp_path / "RESULTS.md")
     rows = {row[0][2:]: row[1:6] for row in cells[1:]}

@@ -181,3 +181,23 @@ def test_fsdp_example_needs_a_global_batch_the_ranks_divide(monkeypatch, capsys)
         module.parse_args(["--global-batch-size", "3"])
     assert exit_.value.code == 2
     assert "--global-batch-size (3) must be a multiple of the number of processes (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shard_model_groups_blocks_and_untied_embeddings(tied):
+    """The FSDP groups: one per decoder block, the input embeddings and the head each their own (resharded after
+    their forward pass) unless tied, and the model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a world of one, in-process
+    try:
+        model = tiny_llama(num_hidden_layers=3, tie_word_embeddings=tied)
+        shard_model(model)
+        groups = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
+        blocks = [f"model.layers.{i}" for i in range(3)]
+        assert groups == sorted(["", *blocks] + ([] if tied else ["lm_head", "model.embed_tokens"]))
+        with pytest.raises(ValueError, match="LlamaForCausalLM is already sharded"):
+            shard_model(model)
+    finally:
+        dist.destroy_process_group()
