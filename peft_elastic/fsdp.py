@@ -7,7 +7,7 @@ SparsePEFT's masked functions see whole tensors, as in one process. What reads p
 called on every rank (`full_parameters`: rank 0 writes, every rank gets its outcome), and merging in place refuses a
 sharded model with what to do instead (`refuse_sharded`).
 
-    shard_model(model)                      # every decoder block, then the whole model, on the default mesh
+    shard_model(model)                      # every decoder block, embeddings, head, the model: on the default mesh
     ...train...
     export_sub_adapter(model, "sub")        # on every rank: gathered, written once by rank 0
     with gathered(model, all_ranks=False):  # any other read of the full weights (every rank enters)
@@ -57,8 +57,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, mesh=None, **options) -> nn.Module:
-    """Apply FSDP2's `fully_shard` to each decoder block of `model` (a PeftModel or a transformers causal LM), then to
-    the whole model — one all-gather per block in forward and backward, the embeddings and head in the root's group.
+    """Apply FSDP2's `fully_shard` to each decoder block of `model` (a PeftModel or a transformers causal LM), to the
+    input embeddings and the head (unless tied: then they stay in the model's group), then to the whole model — one
+    all-gather per group in forward and backward, each group resharded after its forward pass but the model's.
     `mesh`: a 1-D `DeviceMesh` (default: every rank of the default process group, on its device); `options` go to
     `fully_shard` (e.g. `reshard_after_forward`, `mp_policy`). Every rank must call it on the same model, after the
     adapters are added (`get_peft_model`) and before the optimizer is built. Returns `model`, sharded in place."""
