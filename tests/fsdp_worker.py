@@ -44,6 +44,9 @@ CONFIGS = {
         head_choices=[4, 2],
         droppable_layers=[1],
     ),
+    "mode_b_widths": lambda: ElasticLoraConfig(
+        r=8, lora_alpha=16, rank_choices=[8, 4], target_modules=ALL, width_choices=[1.0, 0.5], head_choices=[4, 2]
+    ),
     "nls": lambda: NLSConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=ALL),
     # tied embeddings: one parameter in two modules, which shard_model leaves in the root's group
     "nls_tied": lambda: NLSConfig(r=8, lora_alpha=16, rank_choices=[8, 6, 4], target_modules=ALL),
@@ -116,7 +119,7 @@ def train(kind: str, gptq: Path, out: Path, rank: int = 0, world: int = 1) -> di
     with gathered(model, all_ranks=False):
         if rank == 0:
             model.save_pretrained(out / "adapter")
-    if kind == "mode_b":
+    if kind.startswith("mode_b"):
         peft_elastic.export_compressed_model(model, out / "compressed", heuristic)
     else:
         peft_elastic.export_sub_adapter(model, out / "sub-adapter", heuristic)
