@@ -136,7 +136,11 @@ def train(args: argparse.Namespace) -> dict:
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
-    problems, test = arithmetic_problems(args.steps * args.global_batch_size, args.seed), arithmetic_problems(64, 99)
+    problems = arithmetic_problems(args.steps * args.global_batch_size, args.seed)
+    seen = {p["prompt"] for p in problems}
+    test = [p for p in arithmetic_problems(4096, args.seed + 1) if p["prompt"] not in seen][:64]  # held out
+    if not test:
+        raise SystemExit(f"--steps {args.steps} x --global-batch-size {args.global_batch_size} uses every toy problem")
     base, tokenizer = load(args, problems)
     base.to(device)
 

@@ -32,12 +32,11 @@ GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "pick
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
 #: Operations per problem of the task, and of the pre-training corpus's worked problems: the base has seen problems
 #: of every length the task asks (never its validation or test prompts), so fine-tuning polishes a skill the base
-#: has (after the default 1800 pre-training steps it answers 98-100 % of the test problems untuned, on either of two
-#: CPU code paths; 80 % or 99.8 % after 1200) rather than teaching a new one. With worked problems of one or two
+#: has (after the default 2400 pre-training steps it answers 88.6-100 % of the test problems untuned, on either of
+#: two CPU code paths; 80 % or 99.8 % after 1200) rather than teaching a new one. With worked problems of one or two
 #: steps only, whether the base came out able to chain a third step depended on the float rounding of the CPU's code
 #: path (benchmarks/RESULTS.md, "The demo's LoRA across seeds and CPU code paths": LoRA 50 % on one path, 97 % on
-#: another); with three-step ones LoRA reaches 99.4-100 % on three code paths, over three seeds (96.8-100 % on the
-#: 1200-step base of 2026-12-01).
+#: another); with three-step ones LoRA reaches 99.0-100 % on two code paths over three seeds each (2400-step base).
 TASK_STEPS = (2, 3)
 PRETRAINING_STEPS = (1, 2, 3)
 QUESTIONS = ["How many {item} does {name} have now?", "How many {item} does {name} have left?"]
