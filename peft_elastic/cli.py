@@ -56,11 +56,14 @@ def load_model(name_or_path: str, dtype="auto", verbose: bool = False):
     (`peft_elastic.resolve_model`), in `dtype` (default "auto": the dtype its checkpoint was saved in, for commands
     that write a model; the others pass `compute_dtype(args)`). For a GPTQ checkpoint, gptqmodel is imported
     with the environment variables it sets restored, and its banner and logs are hidden for the rest of the command
-    unless `verbose`."""
+    unless `verbose` (as is deepspeed's "Setting accelerator to CPU" line, where accelerate imports it on a save)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ._import_noise import drop_later_import_noise
     from .quantization.gptqmodel_env import import_gptqmodel, quiet_gptqmodel_logs
 
+    if not verbose:
+        drop_later_import_noise()
     path = resolved(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -660,15 +663,18 @@ def train_command(args: argparse.Namespace) -> None:
 
 def _quiet_libraries() -> None:
     """For the rest of this process: transformers' and datasets' warnings and gptqmodel's banner and logs off (PEFT
-    imports gptqmodel itself when it wraps a model, printing its banner; loading a GPTQ checkpoint logs INFO lines)."""
+    imports gptqmodel itself when it wraps a model, printing its banner; loading a GPTQ checkpoint logs INFO lines),
+    and deepspeed's "Setting accelerator to CPU" line (accelerate imports deepspeed, where installed, on a save)."""
     import datasets
     from transformers.utils import logging as hf_logging
 
+    from ._import_noise import drop_later_import_noise
     from .quantization.gptqmodel_env import quiet_gptqmodel_logs
 
     hf_logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     quiet_gptqmodel_logs()
+    drop_later_import_noise()
 
 
 def demo_command(args: argparse.Namespace) -> None:
