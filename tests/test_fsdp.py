@@ -201,3 +201,31 @@ def test_shard_model_groups_blocks_and_untied_embeddings(tied):
             shard_model(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_accelerate_fsdp2_config_wraps_the_blocks_shard_model_wraps(monkeypatch):
+    """examples/accelerate_fsdp2.yaml, read by `accelerate launch`'s own parser into the environment its processes
+    get: FSDP version 2, full state dicts, and a wrap policy that picks exactly the decoder blocks of a PEFT model
+    (never the adapter's `lora_A` / `lora_B`, which the elastic layer slices without calling)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from peft import get_peft_model
+
+    config = Path(__file__).parents[1] / "examples" / "accelerate_fsdp2.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for name, value in env.items():
+        if name.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+    model = get_peft_model(tiny_llama(num_hidden_layers=3), CONFIGS["nls"]())
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == [f"base_model.model.model.layers.{i}" for i in range(3)]
