@@ -957,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train (once; cached) a small Llama on synthetic arithmetic, then reproduce the shape of the "
         "papers' tables on GSM8K-like word problems: Table 2 (50% Wanda sparsity: LoRA, Shears, SQFT + SparsePEFT, "
         "SQFT on INT4, SQFT + QA-SparsePEFT) and Table 1 (Mode B / LoNAS against LoRA: accuracy, parameters, MACs, "
-        "CPU speedup). About 7-14 minutes on 2 CPU cores (about 6 once the base is cached); nothing is downloaded.",
+        "CPU speedup). About 8 minutes on 2 CPU cores (about 4 once the base is cached); nothing is downloaded.",
     )
     demo.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run (its accuracies mean nothing)")
     demo.add_argument(
