@@ -1,43 +1,77 @@
 """peft_elastic: elastic low-rank adapters for PEFT.
 
-Importing this package registers its tuner types with PEFT (idempotently), so that `get_peft_model`,
-`PeftModel.from_pretrained` and transformers' `model.load_adapter` accept them. Import it before loading an elastic
-checkpoint.
+Importing this package makes PEFT know its tuner types (idempotently), so that `get_peft_model`,
+`PeftModel.from_pretrained` and transformers' `model.load_adapter` accept them: at once if PEFT is imported already,
+else the moment PEFT is. Import it before loading an elastic checkpoint. The package itself imports lazily: torch,
+PEFT and transformers load with the first name used from it, and TRL, bitsandbytes and gptqmodel only where used.
 """
 
-from ._import_noise import quiet_import_noise
+import importlib
+import importlib.util
 
-with quiet_import_noise():  # what PEFT's optional back-ends log when imported on a CPU machine
-    from ._registry import register_tuner
-    from .compressed import export_compressed_model, load_compressed_model
-    from .cost import Cost, CostModel, Latency, count_macs, count_parameters, measure_latency, subnetwork_cost
-    from .export import export_sub_adapter, sub_adapter_state
-    from .importance import apply_importance_order, reorder_by_importance
-    from .models import load_causal_lm, resolve_model
-    from .quantization import QuantizationReport, load_sparsity_mask, quantize_gptq
-    from .sparsity import SparsityReport, measure_sparsity, save_sparsified, sparsify
-    from .subnetwork import (
-        get_subnetwork,
-        heuristic_subnetwork,
-        maximal_subnetwork,
-        minimal_subnetwork,
-        module_ranks,
-        module_widths,
-        num_adapter_parameters,
-        parameters_per_rank,
-        sample_subnetwork,
-        search_space,
-        set_subnetwork,
-    )
-    from .tuners.elastic_lora import ElasticLoraConfig, ElasticLoraModel
-    from .tuners.nls import NLSConfig
-    from .tuners.sparse_peft import SparsePEFTConfig, SparsePEFTModel
+from ._registry import register_when_peft_imports
 
 __version__ = "0.1.0"
 
-register_tuner("elastic_lora", ElasticLoraConfig, ElasticLoraModel)
-register_tuner("nls", NLSConfig, ElasticLoraModel)  # a preset: same tuner, its own PEFT type
-register_tuner("sparse_peft", SparsePEFTConfig, SparsePEFTModel)
+#: Each public name and the module that defines it, imported on first use (PEP 562): `import peft_elastic` loads
+#: neither torch nor PEFT, and a command-line `--help` stays fast.
+_EXPORTS = {
+    "export_compressed_model": ".compressed",
+    "load_compressed_model": ".compressed",
+    **dict.fromkeys(
+        ("Cost", "CostModel", "Latency", "count_macs", "count_parameters", "measure_latency", "subnetwork_cost"),
+        ".cost",
+    ),
+    "export_sub_adapter": ".export",
+    "sub_adapter_state": ".export",
+    "apply_importance_order": ".importance",
+    "reorder_by_importance": ".importance",
+    "load_causal_lm": ".models",
+    "resolve_model": ".models",
+    **dict.fromkeys(("QuantizationReport", "load_sparsity_mask", "quantize_gptq"), ".quantization"),
+    **dict.fromkeys(("SparsityReport", "measure_sparsity", "save_sparsified", "sparsify"), ".sparsity"),
+    **dict.fromkeys(
+        (
+            "get_subnetwork",
+            "heuristic_subnetwork",
+            "maximal_subnetwork",
+            "minimal_subnetwork",
+            "module_ranks",
+            "module_widths",
+            "num_adapter_parameters",
+            "parameters_per_rank",
+            "sample_subnetwork",
+            "search_space",
+            "set_subnetwork",
+        ),
+        ".subnetwork",
+    ),
+    "ElasticLoraConfig": ".tuners.elastic_lora",
+    "ElasticLoraModel": ".tuners.elastic_lora",
+    "NLSConfig": ".tuners.nls",
+    "SparsePEFTConfig": ".tuners.sparse_peft",
+    "SparsePEFTModel": ".tuners.sparse_peft",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule not imported yet
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+# PEFT learns the tuner types when it is imported (now, if it already is): `PeftModel.from_pretrained` and
+# transformers' `load_adapter` then read elastic checkpoints, as when importing this package imported everything.
+register_when_peft_imports()
 
 __all__ = [
     "Cost",

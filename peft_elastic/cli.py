@@ -27,10 +27,8 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .choices import SAMPLERS, SEARCH_COSTS, SEARCH_STRATEGIES
 from .io import replaced_directory
-from .search.run import COSTS
-from .search.strategies import STRATEGIES
-from .training.samplers import STRATEGIES as SAMPLERS
 
 PROG = "peft-elastic"
 
@@ -884,8 +882,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset(search, "the validation data (never the test split)", required=True, split="validation",
                  text_help="texts (loss) or prompts (exact match)", num_samples=256)  # fmt: skip
     search.add_argument("--answer-column", help="reference answers: score exact-match accuracy instead of the loss")
-    search.add_argument("--strategy", choices=STRATEGIES, default="nsga2", help="default: nsga2")
-    search.add_argument("--cost", choices=COSTS, default="params", help="default: params (of the deployed model)")
+    search.add_argument("--strategy", choices=SEARCH_STRATEGIES, default="nsga2", help="default: nsga2")
+    search.add_argument(
+        "--cost", choices=SEARCH_COSTS, default="params", help="default: params (of the deployed model)"
+    )
     search.add_argument("--n-trials", type=_positive, default=100, help="default: 100")
     search.add_argument("--seed", type=int, default=0, help="default: 0")
     search.add_argument("--max-metric-drop", type=_fraction, default=0.01, help="for best.json (default 0.01)")
@@ -914,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-modules", type=_names, help="comma-separated module names (default: the tuner's)")
     train.add_argument("--width-choices", type=_floats, help="Mode B, elastic-lora only: e.g. 1.0,0.75,0.5")
     train.add_argument("--quantization-aware", action="store_true", help="sparse-peft on a GPTQ model: QA-SparsePEFT")
-    train.add_argument("--sampler", choices=sorted(SAMPLERS), default="random", help="default: random")
+    train.add_argument("--sampler", choices=SAMPLERS, default="random", help="default: random")
     train.add_argument("--max-steps", type=_positive, default=100, help="optimizer steps (default 100)")
     train.add_argument(
         "--learning-rate", type=_positive_float, help="default: 3e-4; 2e-3 with --quantization-aware (QA-SparsePEFT)"

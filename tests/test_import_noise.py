@@ -26,6 +26,14 @@ def test_import_prints_no_backend_noise():
     assert "Failed to load" not in printed, printed
 
 
+def test_peft_imported_after_us_prints_no_backend_noise_either():
+    # `import peft_elastic` is lazy: PEFT's back-ends load when PEFT does, under the finder that registers our tuners
+    code = "import peft_elastic; import peft; from peft_elastic import SparsePEFTConfig"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    printed = done.stdout + done.stderr
+    assert not [p.pattern for p in IMPORT_NOISE.values() if p.search(printed)], printed
+
+
 class Recorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

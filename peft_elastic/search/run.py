@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from ..choices import SEARCH_COSTS
 from ..cost import CostModel
 from ..subnetwork import (
     _groups,
@@ -36,7 +37,7 @@ from .strategies import (
     unevaluated_subnetwork,
 )
 
-COSTS = ("params", "macs", "latency", "adapter_params")
+COSTS = SEARCH_COSTS
 DIRECTIONS = ("minimize", "maximize")
 
 

@@ -19,7 +19,9 @@ import math
 import random
 from collections.abc import Container
 
-STRATEGIES = ("heuristic", "random", "nsga2", "tpe", "hill_climb")
+from ..choices import SEARCH_STRATEGIES
+
+STRATEGIES = SEARCH_STRATEGIES
 MAX_REPEATS = 10  # proposals of evaluated subnetworks in a row after which a random unevaluated one is taken
 
 
