@@ -6,8 +6,9 @@ so the enum is extended first. Both steps are idempotent, so importing the packa
 `import peft_elastic` loads no PEFT (it is slow to import, and brings bitsandbytes and torchao with it), so the
 registration waits for PEFT: `register_when_peft_imports` registers at once if PEFT is imported, else it puts a
 one-shot finder on `sys.meta_path` that, when `peft` is imported, runs PEFT's own loader and then imports
-`peft_elastic.tuners`, whose `__init__` registers the three types (`register_tuners`). Importing any of our tuner
-modules registers them the same way, whoever imported PEFT first.
+`peft_elastic.tuners`, whose `__init__` registers the three types; importing any of our tuner modules registers
+them the same way, whoever imported PEFT first. Of ours this module imports only `_import_noise` (the tuners by name,
+once PEFT is there): it belongs to the neutral layer, below the tuners.
 """
 
 from __future__ import annotations
@@ -59,17 +60,6 @@ def register_tuner(name: str, config_cls: type, model_cls: type):
         return peft_type
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
     return peft_type
-
-
-def register_tuners() -> None:
-    """Register ElasticLoRA, NLS (a preset of the same tuner with its own PEFT type) and SparsePEFT with PEFT."""
-    from .tuners.elastic_lora import ElasticLoraConfig, ElasticLoraModel
-    from .tuners.nls import NLSConfig
-    from .tuners.sparse_peft import SparsePEFTConfig, SparsePEFTModel
-
-    register_tuner("elastic_lora", ElasticLoraConfig, ElasticLoraModel)
-    register_tuner("nls", NLSConfig, ElasticLoraModel)
-    register_tuner("sparse_peft", SparsePEFTConfig, SparsePEFTModel)
 
 
 def _import_tuners() -> None:
