@@ -299,11 +299,11 @@ def main(argv=None) -> None:
     rounds = args.step_rounds or (1 if args.quick else 3)
     per_round = time_steps(methods, batch, rounds, warmup=0 if args.quick else 1)
     steps = step_table(methods, per_round)
-    step_seconds = time.perf_counter() - start
     print("\n" + steps)
-    timing = {"table": steps, "seconds": round(step_seconds, 1), "command": command()}
+    # rounded once, here: the section written now and the one rebuilt --from-output read the same number
+    timing = {"table": steps, "seconds": round(time.perf_counter() - start, 1), "command": command()}
     (output / "step_times.json").write_text(json.dumps(timing, indent=2) + "\n")
-    write_section(args.results, section(results, steps, step_seconds, search_overhead(output), command()), MARKERS)
+    write_section(args.results, section(results, steps, timing["seconds"], search_overhead(output), command()), MARKERS)
     print(f"\nWrote the section to {args.results}; artefacts in {output}")
 
 
