@@ -66,7 +66,7 @@ def shard_model(model: nn.Module, mesh=None, **options) -> nn.Module:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from .sparsity.structure import decoder_blocks
+    from .blocks import decoder_blocks
 
     if not dist.is_initialized():
         raise ValueError(

@@ -15,22 +15,14 @@ format.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
+from ..blocks import is_gptq_layer
 from .packing import check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
 #: gptqmodel kernels whose `qweight` / `qzeros` stay in the standard GPTQ layout (others repack them at load).
 STANDARD_LAYOUT_KERNELS = ("TorchLinear", "TorchAtenLinear")
-
-
-def is_gptq_layer(module: nn.Module) -> bool:
-    """Whether `module` is a gptqmodel quantized linear layer. A model with GPTQ layers has imported gptqmodel
-    already; importing it otherwise would only cost time and change process-wide settings."""
-    qlinear = sys.modules.get("gptqmodel.nn_modules.qlinear")
-    return qlinear is not None and isinstance(module, qlinear.BaseQuantLinear)
 
 
 def zero_format(layer: nn.Module) -> int:

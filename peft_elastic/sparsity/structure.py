@@ -1,9 +1,5 @@
-"""Finding a decoder's blocks and the inputs that reach the first one, from the model's structure alone.
-
-Works for the usual causal-LM layouts (`model.layers` of Llama/Mistral/Qwen2, `model.decoder.layers` of OPT,
-`gpt_neox.layers` of GPT-NeoX, `transformer.h` of GPT-2): the blocks are the `nn.ModuleList` with
-`config.num_hidden_layers` entries.
-"""
+"""The inputs that reach a decoder's first block, and a block's output, for calibrating block by block. The blocks
+themselves are found by `peft_elastic.blocks.decoder_blocks`."""
 
 from __future__ import annotations
 
@@ -11,27 +7,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-PRUNABLE = (nn.Linear, Conv1D)
+from ..blocks import PRUNABLE, decoder_blocks
 
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """`(name, blocks)`: the `nn.ModuleList` of `model`'s decoder blocks."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    matching = [(name, m) for name, m in lists if count is None or len(m) == count]
-    from ..quantization.layers import is_gptq_layer
-
-    linear = [(name, m) for name, m in matching if any(isinstance(x, PRUNABLE) for x in m[0].modules())]
-    matching = linear or [(name, m) for name, m in matching if any(map(is_gptq_layer, m[0].modules()))]
-    if not matching:
-        raise ValueError(
-            f"Could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
-            f"{count if count is not None else 'several'} blocks with linear layers. Pass a causal LM such as "
-            "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM or GPTNeoXForCausalLM."
-        )
-    return min(matching, key=lambda item: item[0].count("."))
+__all__ = ["PRUNABLE", "block_output", "decoder_blocks", "first_block_inputs", "prunable_modules"]
 
 
 def prunable_modules(block: nn.Module) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...blocks import decoder_blocks
 from .config import ElasticLoraConfig
 from .layer import ElasticLoraLayer
 
@@ -396,19 +397,6 @@ class BlockGroup(WidthGroup):
 
     def widths(self, value: int) -> dict[str, tuple[int | None, int | None]]:
         return {}
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and list of `model`'s decoder blocks: its first `nn.ModuleList` of `config.num_hidden_layers`
-    modules."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and count is not None and len(module) == count:
-            return name, module
-    raise ValueError(
-        f"droppable_layers needs the model's decoder blocks: no torch.nn.ModuleList of config.num_hidden_layers "
-        f"({count}) modules was found in this {type(model).__name__}."
-    )
 
 
 def block_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> dict[str, BlockGroup]:
