@@ -29,12 +29,12 @@ from transformers import AutoTokenizer
 
 import peft_elastic
 from peft_elastic import ElasticLoraConfig, export_compressed_model, load_compressed_model, reorder_by_importance
+from peft_elastic.calibration import calibration_batches
 from peft_elastic.demo import REAL, default_cache_dir
 from peft_elastic.demo.base import load_base
 from peft_elastic.demo.finetune import TARGETS, accuracy_of, lora_config
 from peft_elastic.demo.lonas import mode_b_choices
 from peft_elastic.demo.task import splits
-from peft_elastic.sparsity.calibration import calibration_batches
 from peft_elastic.text import pydoc_texts
 
 MARKERS = ("<!-- profile_real_llm:start -->", "<!-- profile_real_llm:end -->")

@@ -303,7 +303,8 @@ def main(argv=None) -> None:
     # rounded once, here: the section written now and the one rebuilt --from-output read the same number
     timing = {"table": steps, "seconds": round(time.perf_counter() - start, 1), "command": command()}
     (output / "step_times.json").write_text(json.dumps(timing, indent=2) + "\n")
-    write_section(args.results, section(results, steps, timing["seconds"], search_overhead(output), command()), MARKERS)
+    text = section(results, steps, timing["seconds"], search_overhead(output), command())
+    write_section(args.results, text, MARKERS)
     print(f"\nWrote the section to {args.results}; artefacts in {output}")
 
 

@@ -38,13 +38,12 @@ from trl import SFTConfig
 
 import peft_elastic
 from peft_elastic import ElasticLoraConfig
-from peft_elastic.search import STRATEGIES, ExactMatchEvaluator, LossEvaluator, run_search
+from peft_elastic.search import SEARCH_COSTS, SEARCH_STRATEGIES, ExactMatchEvaluator, LossEvaluator, run_search
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
 from peft_elastic.tuners.elastic_lora.space import sizes_at_most
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COSTS = ("params", "macs", "adapter_params", "latency")
 WIDTHS = [1.0, 0.75, 0.5]  # Mode B: fractions of each layer's MLP intermediate size (see mode_b_choices)
 HEADS = [1.0, 0.75, 0.5]  # and of each attention block's query heads (whole key/value groups)
 NAMED = {
@@ -92,10 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps, without --adapter (default: 40)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r when training (default: 8)")
-    parser.add_argument("--strategy", default="nsga2", choices=STRATEGIES, help="search strategy (default: nsga2)")
+    parser.add_argument(
+        "--strategy", default="nsga2", choices=SEARCH_STRATEGIES, help="search strategy (default: nsga2)"
+    )
     parser.add_argument("--trials", type=int, default=30, help="subnetworks to evaluate (default: 30)")
     parser.add_argument("--metric", default="loss", choices=["loss", "exact_match"], help="validation metric")
-    parser.add_argument("--cost", default=None, choices=COSTS, help="default: params (Mode B), adapter_params (A)")
+    parser.add_argument(
+        "--cost", default=None, choices=SEARCH_COSTS, help="default: params (Mode B), adapter_params (A)"
+    )
     parser.add_argument("--max-metric-drop", type=float, default=0.01, help="relative drop allowed (default: 0.01)")
     parser.add_argument("--storage", default=None, help="an optuna storage URL to keep (and resume) the search in")
     parser.add_argument("--output-dir", default="out/search", help="where to write (default: out/search)")

@@ -21,8 +21,9 @@ from trl import SFTConfig
 
 import peft_elastic
 from peft_elastic import NLSConfig
+from peft_elastic.choices import SAMPLERS
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
-from peft_elastic.training import STRATEGIES, ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
 
 
 def make_dataset(n: int, seed: int) -> Dataset:
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default=None, help="a hub id, a local folder, a .gguf file or 'smollm2' (default: a tiny Llama)"
     )
-    parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
+    parser.add_argument("--strategy", default="random", choices=SAMPLERS, help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
     parser.add_argument("--output-dir", default="out/shears", help="where to write the adapters (default: out/shears)")

@@ -41,11 +41,12 @@ from trl import SFTConfig
 
 import peft_elastic
 from peft_elastic import SparsePEFTConfig
+from peft_elastic.choices import SAMPLERS
 from peft_elastic.quantization import MASK_FILE, dequantize, load_sparsity_mask
 from peft_elastic.quantization.layers import codes, zero_format
 from peft_elastic.search import LossEvaluator
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
-from peft_elastic.training import STRATEGIES, ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
 from peft_elastic.tuners.sparse_peft.monitor import QA_LEARNING_RATE
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # Shears/SQFT's (Llama names)
@@ -100,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--group-size", type=int, default=32, help="GPTQ group size, -1 or a power of two (default: 32)"
     )
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
-    parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
+    parser.add_argument("--strategy", default="random", choices=SAMPLERS, help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
     parser.add_argument(
         "--learning-rate", type=float, default=None, help="(default: 1e-2 for the tiny model, 2e-3 with --model)"

@@ -34,9 +34,10 @@ from trl import SFTConfig
 
 import peft_elastic
 from peft_elastic import SparsePEFTConfig
+from peft_elastic.choices import SAMPLERS
 from peft_elastic.search import LossEvaluator
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
-from peft_elastic.training import STRATEGIES, ElasticSFTTrainer, SubnetworkSamplingCallback
+from peft_elastic.training import ElasticSFTTrainer, SubnetworkSamplingCallback
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # Shears/SQFT's (Llama names)
 #: The merged weight `W + s · (B A) ⊙ M` is what the unmerged adapter computes with, up to float rounding.
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--sparsity", type=float, default=0.5, help="Wanda sparsity of every row (default: 0.5)")
     parser.add_argument("--rank", type=int, default=8, help="maximal rank r; choices r, 3r/4, r/2 (default: 8)")
-    parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES), help="subnetwork sampler")
+    parser.add_argument("--strategy", default="random", choices=SAMPLERS, help="subnetwork sampler")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
     parser.add_argument(
         "--learning-rate", type=float, default=None, help="(default: 1e-2 for the tiny model, 3e-4 with --model)"

@@ -23,9 +23,9 @@ from torch import nn
 
 from .blocks import decoder_blocks
 from .fsdp import full_parameters, require_gathered
-from .importance import check_base_fingerprint
 from .io import export_directory
 from .subnetwork import _groups, _validated, dropped_blocks, module_ranks, module_widths
+from .tuners.elastic_lora.fingerprint import check_base_fingerprint
 from .tuners.elastic_lora.space import BlockGroup, WidthGroup
 
 #: The config attribute that records per-module shapes `{module name: [out, in]}` of a non-uniform export.

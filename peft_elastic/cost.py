@@ -22,6 +22,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checks import check_int
 from .quantization.layers import is_gptq_layer
 from .subnetwork import _adapter_parameters, _dropped, _groups, _resolve, _tuner, _validated, _widths
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
@@ -82,9 +83,7 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
+    return check_int(name, value, minimum, valid=f"an integer >= {minimum}")
 
 
 def _inside(name: str, blocks: frozenset[str]) -> bool:

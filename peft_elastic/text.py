@@ -5,6 +5,8 @@ disjoint sets, for calibration (Wanda, GPTQ, importance), training and held-out 
 
 from __future__ import annotations
 
+from .checks import check_int
+
 #: The splits: every fifth topic (in sorted order) is held out, the one before it is calibration, the rest train.
 SPLITS = ("train", "calibration", "heldout")
 
@@ -17,8 +19,7 @@ def pydoc_texts(split: str, chunk_chars: int = 1200) -> list[str]:
     splits. The result is the same on every machine with the same Python version."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
-    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
-        raise ValueError(f"chunk_chars must be a positive int, got {chunk_chars!r}.")
+    check_int("chunk_chars", chunk_chars, valid="a positive int")
     from pydoc_data.topics import topics
 
     def split_of(index: int) -> str:

@@ -352,7 +352,7 @@ def test_eval_equals_the_evaluators(capsys, model_dir, texts_file, tokenizer, tm
     minimal = peft_elastic.minimal_subnetwork(model)
     peft_elastic.set_subnetwork(model, minimal)
     assert printed["metric"] == "loss" and printed["subnetwork"] == "minimal"
-    assert printed["subnetwork_summary"] == cli.subnetwork_summary(minimal)
+    assert printed["subnetwork_summary"] == cli.subnetworks.subnetwork_summary(minimal)
     assert printed["value"] == pytest.approx(LossEvaluator(TEXTS, tokenizer, num_samples=None)(model), rel=1e-6)
 
     problems = tmp_path / "problems.jsonl"

@@ -98,6 +98,6 @@ def test_deepspeed_cpu_notice_is_dropped_in_quiet_mode_and_only_that():
         return done.stdout + done.stderr
 
     assert "Setting accelerator to CPU" in run("")
-    printed = run("from peft_elastic.cli import _quiet_libraries; _quiet_libraries(); _quiet_libraries()")
+    printed = run("from peft_elastic.cli.quiet import quiet_libraries; quiet_libraries(); quiet_libraries()")
     assert "Setting accelerator to CPU" not in printed, printed
     assert "another DeepSpeed record" in printed, printed

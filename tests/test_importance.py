@@ -9,8 +9,8 @@ from peft import get_peft_model
 
 import peft_elastic
 from peft_elastic import ElasticLoraConfig
+from peft_elastic.calibration import calibration_batches
 from peft_elastic.importance import _blocks, _consumer_input_norms, _scores, reorder_by_importance
-from peft_elastic.sparsity.calibration import calibration_batches
 from peft_elastic.toy import tiny_llama
 from peft_elastic.tuners.elastic_lora.config import DEFAULT_HEAD_MODULES, DEFAULT_WIDTH_MODULES
 

@@ -110,10 +110,13 @@ def test_cli_help_loads_no_torch_peft_or_trl(command):
 
 def test_the_cli_choices_are_the_names_the_library_implements():
     from peft_elastic.choices import SAMPLERS, SEARCH_COSTS, SEARCH_STRATEGIES
-    from peft_elastic.search import COSTS, STRATEGIES
-    from peft_elastic.training import STRATEGIES as SAMPLER_CLASSES
+    from peft_elastic.search import SEARCH_COSTS as COSTS
+    from peft_elastic.search import SEARCH_STRATEGIES as STRATEGIES
+    from peft_elastic.search import STRATEGY_CLASSES
+    from peft_elastic.training import SAMPLER_CLASSES
 
     assert SEARCH_STRATEGIES == STRATEGIES == ("heuristic", "random", "nsga2", "tpe", "hill_climb")
+    assert tuple(STRATEGY_CLASSES) == SEARCH_STRATEGIES  # one strategy object per name, in the same order
     assert SEARCH_COSTS == COSTS == ("params", "macs", "latency", "adapter_params")
     assert SAMPLERS == tuple(sorted(SAMPLER_CLASSES))
     assert SAMPLERS == ("fixed", "grid_params", "random", "random_linear", "sandwich")

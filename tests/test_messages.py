@@ -201,7 +201,7 @@ def forbid_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model was loaded before the arguments were checked")
 
     for name in ("load_model", "check_model", "resolved"):
-        monkeypatch.setattr(cli, name, load)
+        monkeypatch.setattr(cli.inputs, name, load)  # every command loads through cli.inputs
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
     monkeypatch.setattr(peft_elastic.models, "resolve_model", load)
     for module in ("torch", "transformers", "peft", "datasets"):

@@ -112,14 +112,18 @@ def test_the_stop_reason_round_trips_and_hill_climb_says_when_it_stops(small, tm
     assert full.stopped is None and distinct(full.trials) == 9  # n_trials = the space: no warning, all evaluated
 
 
-def test_a_sampler_that_only_repeats_itself_gets_random_unevaluated_subnetworks(model, monkeypatch):
-    from peft_elastic.search import run as run_module
-    from peft_elastic.search.strategies import MAX_REPEATS, unevaluated_subnetwork
+def test_a_sampler_that_only_repeats_itself_gets_random_unevaluated_subnetworks(model):
+    from peft_elastic.search.strategies import MAX_REPEATS, SearchStrategy, unevaluated_subnetwork
 
     maximal = peft_elastic.maximal_subnetwork(model)
-    stuck = optuna.samplers.PartialFixedSampler(maximal, optuna.samplers.RandomSampler(seed=0))
-    monkeypatch.setattr(run_module, "optuna_sampler", lambda strategy, seed, population_size: stuck)
-    result = run_search(model, Synthetic(model), "random", adapter_params, n_trials=6, progress=False)
+
+    class Stuck(SearchStrategy):  # a strategy of one's own: its sampler proposes the maximal subnetwork only
+        name = "stuck"
+
+        def sampler(self, seed, population_size=None):
+            return optuna.samplers.PartialFixedSampler(maximal, optuna.samplers.RandomSampler(seed=0))
+
+    result = run_search(model, Synthetic(model), Stuck(), adapter_params, n_trials=6, progress=False)
     assert len(result.trials) == 6 and distinct(result.trials) == 6
     # after the 3 seeds, each new subnetwork came after MAX_REPEATS proposals of the maximal one
     assert result.timing["repeats"] == 3 * MAX_REPEATS and result.stopped is None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..checks import check_int
 from ..io import staged_directory
 from ..models import default_cache_dir  # noqa: F401  (the demo cache is the package cache)
 from ..toy import tiny_llama, train_tokenizer
@@ -55,8 +56,7 @@ class BaseSettings:
 
     def __post_init__(self) -> None:
         width = self.pack_width
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise ValueError(f"pack_width must be a number of tokens >= 1, or None (no packing), got {width!r}.")
+        check_int("pack_width", width, optional=True, valid="a number of tokens >= 1, or None (no packing)")
 
     def key(self) -> str:
         """A short name for the cache entry of this base."""

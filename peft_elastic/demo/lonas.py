@@ -17,16 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .. import (
-    ElasticLoraConfig,
-    count_macs,
-    count_parameters,
-    export_compressed_model,
-    load_compressed_model,
-    measure_latency,
-    reorder_by_importance,
-)
+from ..compressed import export_compressed_model, load_compressed_model
+from ..cost import count_macs, count_parameters, measure_latency
+from ..importance import reorder_by_importance
 from ..search import run_search
+from ..tuners.elastic_lora import ElasticLoraConfig
 from ..tuners.elastic_lora.space import resolve_width_choices, sizes_at_most
 from .base import load_base
 from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config

@@ -26,9 +26,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPTQConfig
 
-from .. import NLSConfig, SparsePEFTConfig, heuristic_subnetwork, measure_sparsity, quantize_gptq, set_subnetwork
+from ..quantization import quantize_gptq
 from ..quantization.layers import eager_dequantization
-from ..sparsity import save_sparsified, sparsify
+from ..sparsity import measure_sparsity, save_sparsified, sparsify
+from ..subnetwork import heuristic_subnetwork, set_subnetwork
+from ..tuners.nls import NLSConfig
+from ..tuners.sparse_peft import SparsePEFTConfig
 from ..tuners.sparse_peft.monitor import codes_changed
 from .base import load_base
 from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config

@@ -3,11 +3,11 @@ sparsity mask stored with a quantized checkpoint."""
 
 from .gptq import QuantizationReport, quantize_gptq
 from .mask import MASK_FILE, load_sparsity_mask, save_sparsity_mask
-from .packing import SUPPORTED_BITS, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows, zero_points
+from .packing import GPTQ_BITS, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows, zero_points
 
 __all__ = [
     "MASK_FILE",
-    "SUPPORTED_BITS",
+    "GPTQ_BITS",
     "QuantizationReport",
     "dequantize",
     "load_sparsity_mask",

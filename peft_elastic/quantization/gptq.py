@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration import calibration_batches
 from ..io import check_export_target, export_directory
-from ..sparsity.calibration import calibration_batches
 from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, release_gptqmodel_threads, restored_environment
 from .mask import MASK_FILE, SparsityMaskWriter, load_sparsity_mask
-from .packing import SUPPORTED_BITS, check_bits, pack_cols, pack_rows, unpack_rows, zero_points
+from .packing import check_bits, pack_cols, pack_rows, unpack_rows, zero_points
 
 
 @dataclasses.dataclass
@@ -500,4 +500,4 @@ def _verify_saved_zeros(directory: Path, masks: Mapping[str, torch.Tensor], bits
                 )
 
 
-__all__ = ["SUPPORTED_BITS", "QuantizationReport", "quantize_gptq"]
+__all__ = ["QuantizationReport", "quantize_gptq"]

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (2, 4, 8)
+from ..choices import GPTQ_BITS
+
 _WORD_BITS = 32
 
 
 def check_bits(bits: int) -> None:
     """Raise a clear error for bit widths whose codes do not tile a 32-bit word."""
-    if bits not in SUPPORTED_BITS:
+    if bits not in GPTQ_BITS:
         raise ValueError(
-            f"{bits}-bit GPTQ layers are not supported; supported: {list(SUPPORTED_BITS)} (3-bit codes straddle "
+            f"{bits}-bit GPTQ layers are not supported; supported: {list(GPTQ_BITS)} (3-bit codes straddle "
             "32-bit words in a layout this package does not read or write)."
         )
 

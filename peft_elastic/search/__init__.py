@@ -2,16 +2,20 @@
 (heuristic, random, hill-climbing, NSGA-II, multi-objective TPE) on optuna, evaluators, and `SearchResult`.
 Needs the `search` extra (optuna, matplotlib)."""
 
+from ..choices import SEARCH_COSTS, SEARCH_STRATEGIES
 from .evaluators import ExactMatchEvaluator, LossEvaluator, extract_answer
 from .harness import LMEvalEvaluator
 from .latency import RelativeLatency
 from .result import SearchResult
-from .run import COSTS, run_search
-from .strategies import STRATEGIES
+from .run import run_search
+from .strategies import STRATEGY_CLASSES, SearchStrategy, Stop
 
 __all__ = [
-    "COSTS",
-    "STRATEGIES",
+    "SEARCH_COSTS",
+    "SEARCH_STRATEGIES",
+    "STRATEGY_CLASSES",
+    "SearchStrategy",
+    "Stop",
     "ExactMatchEvaluator",
     "LMEvalEvaluator",
     "LossEvaluator",

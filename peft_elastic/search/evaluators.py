@@ -11,7 +11,8 @@ import re
 import torch
 from torch import nn
 
-from ..sparsity.calibration import calibration_batches
+from ..calibration import calibration_batches
+from ..checks import check_int
 
 
 class LossEvaluator:
@@ -35,8 +36,7 @@ class LossEvaluator:
         batch_size: int = 8,
         perplexity: bool = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        check_int("batch_size", batch_size)
         rows = calibration_batches(
             dataset, tokenizer, text_column=text_column, max_length=max_length, num_samples=num_samples
         )
@@ -128,9 +128,8 @@ class ExactMatchEvaluator:
         answer_pattern: str | None = GSM8K_ANSWER,
         num_samples: int | None = None,
     ) -> None:
-        for label, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be an int >= 1, got {value!r}.")
+        check_int("max_new_tokens", max_new_tokens)
+        check_int("batch_size", batch_size)
         rows = list(examples)[:num_samples] if num_samples is not None else list(examples)
         if not rows:
             raise ValueError("ExactMatchEvaluator needs at least one example.")

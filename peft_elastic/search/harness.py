@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..checks import check_int
+
 DIRECTIONS = {True: "maximize", False: "minimize"}
 
 
@@ -59,12 +61,8 @@ class LMEvalEvaluator:
             raise ValueError(
                 f"tasks must be a task name, a task-config dict, or a non-empty list of them, got {tasks!r}."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-        if num_fewshot is not None and (
-            isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
-        ):
-            raise ValueError(f"num_fewshot must be None or an int >= 0, got {num_fewshot!r}.")
+        check_int("batch_size", batch_size)
+        check_int("num_fewshot", num_fewshot, 0, optional=True, valid="None or an int >= 0")
         if not isinstance(metric, str) or not metric:
             raise ValueError(
                 f"metric must be a metric name such as 'acc' or 'exact_match,strict-match', got {metric!r}."

@@ -7,11 +7,29 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from ..io import staged_directory
 
 _FORMAT = "peft_elastic.search_result.v1"
+T = TypeVar("T")
+
+
+def pareto_front(
+    items: Iterable[T], objectives: Callable[[T], tuple[float, float]], order: Callable[[T], int]
+) -> list[T]:
+    """The items of `items` that no other dominates, by their `objectives` (metric, cost), both minimised: one per
+    point, the first by `order` among equals, by increasing cost. The one Pareto rule of the search (its result, and
+    hill_climb's front)."""
+    front, best_metric = [], math.inf
+    for item in sorted(items, key=lambda item: (objectives(item)[1], objectives(item)[0], order(item))):
+        metric = objectives(item)[0]
+        if metric < best_metric:
+            front.append(item)
+            best_metric = metric
+    return front
 
 
 @dataclasses.dataclass
@@ -48,14 +66,7 @@ class SearchResult:
     def pareto_front(self) -> list[dict]:
         """The non-dominated complete trials (no other trial is at least as good in metric and cost and better in
         one), one per (metric, cost) point, by increasing cost."""
-        points = sorted(self.complete(), key=lambda t: (t["cost"], self._key(t)[0], t["number"]))
-        front, best_metric = [], math.inf
-        for trial in points:
-            metric = self._key(trial)[0]
-            if metric < best_metric:
-                front.append(trial)
-                best_metric = metric
-        return front
+        return pareto_front(self.complete(), self._key, lambda trial: trial["number"])
 
     def hypervolume(self, reference_point: tuple[float, float]) -> float:
         """The area dominated by the Pareto front and bounded by `reference_point` = (metric, cost), in the

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from ..checks import check_int
 from ..choices import SEARCH_COSTS
 from ..cost import CostModel
 from ..subnetwork import (
@@ -27,24 +28,15 @@ from ..subnetwork import (
 from ..tuners.elastic_lora.space import RankGroup
 from .latency import RelativeLatency
 from .result import SearchResult
-from .strategies import (
-    MAX_REPEATS,
-    STRATEGIES,
-    _key,
-    hill_climb_proposal,
-    optuna_sampler,
-    resumed_seed,
-    unevaluated_subnetwork,
-)
+from .strategies import MAX_REPEATS, SearchStrategy, Stop, _key, resumed_seed, search_strategy, unevaluated_subnetwork
 
-COSTS = SEARCH_COSTS
 DIRECTIONS = ("minimize", "maximize")
 
 
 def run_search(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
-    strategy: str = "nsga2",
+    strategy: str | SearchStrategy = "nsga2",
     cost: str | Callable[[nn.Module, Mapping[str, int]], float] = "params",
     n_trials: int = 100,
     seed: int = 0,
@@ -63,21 +55,20 @@ def run_search(
     forward time through the super-network over the maximal subnetwork's, the median ratio of interleaved rounds
     (`RelativeLatency`; its quartiles are kept in each trial's `cost_spread`); "adapter_params", the
     adapter parameters it uses (what Shears compares: with rank choices only, every subnetwork deploys as a model of
-    the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `STRATEGIES`. `n_trials` is
-    the number of trials of the study: evaluated subnetworks, each a different one (complete or failed by its
-    evaluation), so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues up to it
-    with new subnetworks. A subnetwork proposed again is not evaluated nor counted: it is recorded as a failed trial
-    with user attribute `repeat_of` (samplers ignore failed trials) and the sampler is asked again. The search stops
-    early, with a warning and `SearchResult.stopped`, when every subnetwork of the space has been evaluated (or
-    hill_climb reaches a local optimum). The model's active subnetwork is restored at the end."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown search strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
-    if not callable(cost) and cost not in COSTS:
+    the base's size); or a callable `(model, subnetwork) -> float`). `strategy`: one of `SEARCH_STRATEGIES`, or a
+    `SearchStrategy` (`peft_elastic.search.strategies`).
+    `n_trials` is the number of trials of the study: evaluated subnetworks, each a different one (complete or failed
+    by its evaluation), so a resumed search (same `storage`, an optuna URL such as "sqlite:///search.db") continues
+    up to it with new subnetworks. A subnetwork proposed again is not evaluated nor counted: it is recorded as a
+    failed trial with user attribute `repeat_of` (samplers ignore failed trials) and the sampler is asked again. The
+    search stops early, with a warning and `SearchResult.stopped`, when every subnetwork of the space has been
+    evaluated (or hill_climb reaches a local optimum). The model's active subnetwork is restored at the end."""
+    strategy = search_strategy(strategy)
+    if not callable(cost) and cost not in SEARCH_COSTS:
         raise ValueError(
-            f"Unknown cost {cost!r}; use one of {list(COSTS)} or a callable (model, subnetwork) -> float."
+            f"Unknown cost {cost!r}; use one of {list(SEARCH_COSTS)} or a callable (model, subnetwork) -> float."
         )
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"n_trials must be an int >= 1, got {n_trials!r}.")
+    check_int("n_trials", n_trials)
     if not callable(evaluate):
         raise ValueError(f"evaluate must be a callable model -> float (e.g. LossEvaluator(...)), got {evaluate!r}.")
     direction = direction or getattr(evaluate, "direction", None) or "minimize"
@@ -98,17 +89,17 @@ def run_search(
     signature = {"space": space, "direction": direction, "cost": cost_name}
     study = optuna.create_study(
         storage=storage,
-        study_name=study_name or f"peft_elastic-{strategy}",
+        study_name=study_name or f"peft_elastic-{strategy.name}",
         directions=[direction, "minimize"],
         load_if_exists=True,
     )
     # a resumed study gets a seed of its own: with `seed` again, the sampler would propose the first run's subnetworks
     seed = resumed_seed(seed, len(study.get_trials(deepcopy=False)))
-    study.sampler = optuna_sampler(strategy, seed, population_size)
+    study.sampler = strategy.sampler(seed, population_size)
     saved = study.user_attrs.get("signature")
     if saved is None:
         study.set_user_attr("signature", json.loads(json.dumps(signature)))
-        for name in ("maximal", "heuristic") if strategy == "heuristic" else ("maximal", "heuristic", "minimal"):
+        for name in strategy.seeds:
             study.enqueue_trial(seeds[name], skip_if_exists=True)
     elif saved != json.loads(json.dumps(signature)):
         raise ValueError(
@@ -116,8 +107,8 @@ def run_search(
             "direction or cost differ from this one's); use another storage or study_name."
         )
     _requeue_interrupted(study, space)
-    if strategy == "heuristic":
-        n_trials = min(n_trials, 2)
+    if strategy.max_trials is not None:
+        n_trials = min(n_trials, strategy.max_trials)
 
     measure = _cost_function(model, cost, seq_len, adapter_name)
     resolved_adapter, groups = _groups(model, adapter_name)
@@ -143,13 +134,11 @@ def run_search(
                 stopped = f"All {size} subnetworks of the search space have been evaluated"
                 break
             if not study.get_trials(deepcopy=False, states=_waiting()):
-                if strategy == "heuristic":
-                    break  # it evaluates its enqueued subnetworks only
-                if strategy == "hill_climb":
-                    proposal = _hill_climb_next(study, space, direction, rng)
-                    if proposal is None:
-                        stopped = "hill_climb reached a local optimum (every neighbour of its Pareto front evaluated)"
-                        break
+                proposal = strategy.propose(study, space, direction, rng)
+                if isinstance(proposal, Stop):
+                    stopped = proposal.reason
+                    break
+                if proposal is not None:
                     study.enqueue_trial(proposal)
                 elif in_a_row >= MAX_REPEATS:  # the sampler keeps proposing evaluated subnetworks
                     study.enqueue_trial(unevaluated_subnetwork(space, evaluated, rng))
@@ -197,7 +186,7 @@ def run_search(
         if timing["evaluate_seconds"]
         else None
     )
-    return _result(study, space, direction, cost_name, strategy, seeds, timing, stopped)
+    return _result(study, space, direction, cost_name, strategy.name, seeds, timing, stopped)
 
 
 def _cost_function(model: nn.Module, cost, seq_len: int, adapter_name: str | None):
@@ -253,21 +242,6 @@ def _waiting():
     import optuna
 
     return (optuna.trial.TrialState.WAITING,)
-
-
-def _hill_climb_next(study, space, direction: str, rng: random.Random) -> dict[str, int] | None:
-    import optuna
-
-    trials = study.get_trials(deepcopy=False)
-    evaluated = {_key(t.params, space) for t in trials if len(t.params) == len(space)}
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    sign = 1 if direction == "minimize" else -1
-    front, best = [], math.inf
-    for t in sorted(complete, key=lambda t: (t.values[1], sign * t.values[0], t.number)):
-        if sign * t.values[0] < best:
-            front.append({name: t.params[name] for name in space})
-            best = sign * t.values[0]
-    return hill_climb_proposal(front, evaluated, space, rng)
 
 
 def _result(study, space, direction, cost_name, strategy, seeds, timing, stopped) -> SearchResult:

@@ -1,4 +1,6 @@
-"""Search strategies behind one ask/tell interface (optuna): each only sees "subnetwork in, objectives out".
+"""Search strategies as objects behind one interface, `SearchStrategy`: which named subnetworks go first, the optuna
+sampler that proposes the rest (ask/tell: each only sees "subnetwork in, objectives out"), and, for strategies that
+propose their own points, `propose`. `run_search` knows no strategy by name.
 
 - `heuristic`: the maximal and the heuristic subnetwork (the LoNAS/Shears midpoint), nothing else;
 - `random`: uniform draws (optuna's `RandomSampler`);
@@ -18,10 +20,11 @@ import hashlib
 import math
 import random
 from collections.abc import Container
+from dataclasses import dataclass
 
 from ..choices import SEARCH_STRATEGIES
+from .result import pareto_front
 
-STRATEGIES = SEARCH_STRATEGIES
 MAX_REPEATS = 10  # proposals of evaluated subnetworks in a row after which a random unevaluated one is taken
 
 
@@ -33,15 +36,98 @@ def resumed_seed(seed: int, trials: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{trials}".encode()).digest()[:4], "little")
 
 
-def optuna_sampler(strategy: str, seed: int, population_size: int | None = None):
-    """The optuna sampler of `strategy` (hill_climb and heuristic propose their own points: random sampler)."""
-    import optuna
+@dataclass(frozen=True)
+class Stop:
+    """What `SearchStrategy.propose` returns to end the search: `reason` is warned (None: a planned end)."""
 
-    if strategy == "nsga2":
+    reason: str | None = None
+
+
+class SearchStrategy:
+    """A strategy of `run_search`. Subclass it (and pass an instance as `strategy=`) for a strategy of your own."""
+
+    #: The name `run_search(strategy=...)` takes, and the study's default name.
+    name = ""
+    #: The named subnetworks evaluated first, in this order (of "maximal", "heuristic", "minimal").
+    seeds: tuple[str, ...] = ("maximal", "heuristic", "minimal")
+    #: At most this many trials, whatever `n_trials` is (None: no limit of its own).
+    max_trials: int | None = None
+
+    def sampler(self, seed: int, population_size: int | None = None):
+        """The optuna sampler that proposes the subnetworks this strategy does not propose itself."""
+        import optuna
+
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def propose(self, study, space: dict[str, list[int]], direction: str, rng: random.Random):
+        """Called when no trial is queued: a subnetwork to evaluate next, None to let `sampler` propose one, or a
+        `Stop` to end the search."""
+        return None
+
+
+class HeuristicStrategy(SearchStrategy):
+    name = "heuristic"
+    seeds = ("maximal", "heuristic")
+    max_trials = 2
+
+    def propose(self, study, space, direction, rng):
+        return Stop()  # it evaluates its seeds only
+
+
+class RandomStrategy(SearchStrategy):
+    name = "random"
+
+
+class NSGA2Strategy(SearchStrategy):
+    name = "nsga2"
+
+    def sampler(self, seed, population_size=None):
+        import optuna
+
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size or 20)
-    if strategy == "tpe":
+
+
+class TPEStrategy(SearchStrategy):
+    name = "tpe"
+
+    def sampler(self, seed, population_size=None):
+        import optuna
+
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
-    return optuna.samplers.RandomSampler(seed=seed)
+
+
+class HillClimbStrategy(SearchStrategy):
+    name = "hill_climb"
+
+    def propose(self, study, space, direction, rng):
+        import optuna
+
+        trials = study.get_trials(deepcopy=False)
+        evaluated = {_key(t.params, space) for t in trials if len(t.params) == len(space)}
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        sign = 1 if direction == "minimize" else -1
+        front = pareto_front(complete, lambda t: (sign * t.values[0], t.values[1]), lambda t: t.number)
+        proposal = hill_climb_proposal(
+            [{name: t.params[name] for name in space} for t in front], evaluated, space, rng
+        )
+        if proposal is None:
+            return Stop("hill_climb reached a local optimum (every neighbour of its Pareto front evaluated)")
+        return proposal
+
+
+#: `run_search(strategy=name)`: the strategy of each name in `peft_elastic.choices.SEARCH_STRATEGIES`.
+STRATEGY_CLASSES: dict[str, type[SearchStrategy]] = {
+    cls.name: cls for cls in (HeuristicStrategy, RandomStrategy, NSGA2Strategy, TPEStrategy, HillClimbStrategy)
+}
+
+
+def search_strategy(strategy) -> SearchStrategy:
+    """The `SearchStrategy` of `strategy`: a name in `SEARCH_STRATEGIES`, or a `SearchStrategy` (returned as is)."""
+    if isinstance(strategy, SearchStrategy):
+        return strategy
+    if isinstance(strategy, str) and strategy in STRATEGY_CLASSES:
+        return STRATEGY_CLASSES[strategy]()
+    raise ValueError(f"Unknown search strategy {strategy!r}; valid strategies: {list(SEARCH_STRATEGIES)}.")
 
 
 def neighbours(subnetwork: dict[str, int], space: dict[str, list[int]]) -> list[dict[str, int]]:

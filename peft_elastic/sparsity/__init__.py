@@ -1,10 +1,10 @@
 """Sparsification of a base model before fine-tuning: Wanda and magnitude scores, unstructured or N:M."""
 
 from .patterns import Pattern, keep_mask, parse_pattern
-from .sparsify import METHODS, SparsityReport, measure_sparsity, save_sparsified, sparsify
+from .sparsify import PRUNING_METHODS, SparsityReport, measure_sparsity, save_sparsified, sparsify
 
 __all__ = [
-    "METHODS",
+    "PRUNING_METHODS",
     "Pattern",
     "SparsityReport",
     "keep_mask",

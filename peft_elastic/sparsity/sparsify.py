@@ -19,12 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ..calibration import calibration_batches
+from ..choices import PRUNING_METHODS
 from ..io import export_directory, staged_directory
-from .calibration import calibration_batches
+from ..quantization.layers import check_standard_layout, codes, is_gptq_layer, zeros
 from .patterns import Pattern, keep_mask, parse_pattern
 from .structure import PRUNABLE, block_output, decoder_blocks, first_block_inputs, prunable_modules
-
-METHODS = ("wanda", "magnitude")
 
 
 @dataclass
@@ -112,8 +112,8 @@ def sparsify(
         skip_modules: names (suffixes, e.g. "o_proj") of linear layers to leave dense.
         progress: show a progress bar over the blocks.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown pruning method {method!r}; use one of {list(METHODS)}.")
+    if method not in PRUNING_METHODS:
+        raise ValueError(f"Unknown pruning method {method!r}; use one of {list(PRUNING_METHODS)}.")
     parsed = parse_pattern(pattern, sparsity)
     _, blocks = decoder_blocks(model)
     prefix = {id(block): name for name, block in model.named_modules() if block in set(blocks)}
@@ -207,8 +207,6 @@ def measure_sparsity(model: nn.Module) -> SparsityReport:
     """The zeros of every linear layer in `model`'s decoder blocks, as they are now. GPTQ layers (standard packed
     layout, e.g. loaded with `backend="gptq_torch"`) count the weights that dequantize to exactly zero: code equal to
     its group's zero-point."""
-    from ..quantization.layers import check_standard_layout, codes, is_gptq_layer, zeros
-
     _, blocks = decoder_blocks(model)
     report = SparsityReport("measured", "any", math.nan)
     names = {id(block): name for name, block in model.named_modules() if block in set(blocks)}

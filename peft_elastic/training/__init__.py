@@ -5,7 +5,7 @@ TRL's `SFTTrainer`, trainers that support multi-pass strategies (sandwich), and 
 from .callback import SubnetworkSamplingCallback
 from .qa_monitor import QuantizationAwareCallback
 from .samplers import (
-    STRATEGIES,
+    SAMPLER_CLASSES,
     FixedSampler,
     GridParamsSampler,
     RandomLinearSampler,
@@ -17,7 +17,7 @@ from .samplers import (
 from .trainer import ElasticSFTTrainer, ElasticTrainer, ElasticTrainerMixin
 
 __all__ = [
-    "STRATEGIES",
+    "SAMPLER_CLASSES",
     "ElasticSFTTrainer",
     "ElasticTrainer",
     "ElasticTrainerMixin",

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..subnetwork import get_subnetwork, num_adapter_parameters, parameters_per_rank, set_subnetwork
-from .samplers import NAMED_SUBNETWORKS, STRATEGIES, SubnetworkSampler, make_sampler, named_subnetwork
+from .samplers import NAMED_SUBNETWORKS, SAMPLER_CLASSES, SubnetworkSampler, make_sampler, named_subnetwork
 
 MULTI_PASS_HELP = (
     "use peft_elastic.training.ElasticSFTTrainer (TRL) or ElasticTrainer (transformers) instead of SFTTrainer / "
@@ -68,7 +68,9 @@ class SubnetworkSamplingCallback(TrainerCallback, ExportableState):
         elif isinstance(strategy, str):
             self.sampler = make_sampler(strategy, seed, **sampler_options)
         else:
-            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)} or a SubnetworkSampler, got {strategy!r}.")
+            raise ValueError(
+                f"strategy must be one of {sorted(SAMPLER_CLASSES)} or a SubnetworkSampler, got {strategy!r}."
+            )
         self.strategy = self.sampler.name
         self.seed = self.sampler.seed
         self.sampler_options = dict(sampler_options)

@@ -11,6 +11,7 @@ import warnings
 
 from transformers import TrainerCallback
 
+from ..checks import check_int
 from ..tuners.sparse_peft.monitor import QA_LEARNING_RATE, codes_changed
 
 #: Below this fraction of changed codes at the check step the run is warned. The learning rates measured on
@@ -44,10 +45,7 @@ class QuantizationAwareCallback(TrainerCallback):
             raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction!r}.")
         if not 0 < check_fraction <= 1:
             raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction!r}.")
-        if check_step is not None and (
-            isinstance(check_step, bool) or not isinstance(check_step, int) or check_step < 1
-        ):
-            raise ValueError(f"check_step must be an int >= 1 or None, got {check_step!r}.")
+        check_int("check_step", check_step, optional=True, valid="an int >= 1 or None")
         self.min_fraction, self.check_fraction, self.check_step = min_fraction, check_fraction, check_step
         self.model = None
         self.checked = False

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..subnetwork import (
     Subnetwork,
     _groups,
@@ -69,9 +70,7 @@ class SubnetworkSampler:
     name = ""
 
     def __init__(self, seed: int = 0) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}.")
-        self.seed = seed
+        self.seed = check_int("seed", seed, minimum=None)
         self.space: dict[str, list[int]] | None = None
 
     @property
@@ -124,9 +123,7 @@ class SandwichSampler(SubnetworkSampler):
 
     def __init__(self, seed: int = 0, num_random: int = 1) -> None:
         super().__init__(seed)
-        if isinstance(num_random, bool) or not isinstance(num_random, int) or num_random < 0:
-            raise ValueError(f"num_random must be an int >= 0 (random subnetworks per step), got {num_random!r}.")
-        self.num_random = num_random
+        self.num_random = check_int("num_random", num_random, 0, valid="an int >= 0 (random subnetworks per step)")
 
     @property
     def passes(self) -> int:
@@ -200,13 +197,11 @@ class GridParamsSampler(SubnetworkSampler):
 
     def __init__(self, seed: int = 0, bins: int = 10, candidates: int = 10, max_tries: int | None = None) -> None:
         super().__init__(seed)
-        for label, value in (("bins", bins), ("candidates", candidates)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be an int >= 1, got {value!r}.")
+        check_int("bins", bins)
+        check_int("candidates", candidates)
         if max_tries is None:
             max_tries = 200 * bins * candidates
-        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-            raise ValueError(f"max_tries must be an int >= 1 (None: 200 * bins * candidates), got {max_tries!r}.")
+        check_int("max_tries", max_tries, valid="an int >= 1 (None: 200 * bins * candidates)")
         self.bins, self.candidates, self.max_tries = bins, candidates, max_tries
         self.grid: list[Subnetwork] = []
         self.empty_bins = 0
@@ -311,16 +306,16 @@ def _prefix_square_norms(model: nn.Module, adapter_name: str | None) -> dict[str
     return norms
 
 
-STRATEGIES: dict[str, type[SubnetworkSampler]] = {
+SAMPLER_CLASSES: dict[str, type[SubnetworkSampler]] = {
     cls.name: cls for cls in (RandomSampler, SandwichSampler, RandomLinearSampler, GridParamsSampler, FixedSampler)
 }
 
 
 def make_sampler(strategy: str, seed: int = 0, **options: Any) -> SubnetworkSampler:
-    """The sampler for `strategy` (one of `STRATEGIES`) with its options (e.g. `num_random=2` for "sandwich")."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown sampling strategy {strategy!r}; valid strategies: {sorted(STRATEGIES)}.")
-    cls = STRATEGIES[strategy]
+    """The sampler for `strategy` (one of `SAMPLER_CLASSES`) with its options (e.g. `num_random=2` for "sandwich")."""
+    if strategy not in SAMPLER_CLASSES:
+        raise ValueError(f"Unknown sampling strategy {strategy!r}; valid strategies: {sorted(SAMPLER_CLASSES)}.")
+    cls = SAMPLER_CLASSES[strategy]
     accepted = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]) - {"seed"}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -332,7 +327,7 @@ def make_sampler(strategy: str, seed: int = 0, **options: Any) -> SubnetworkSamp
 
 
 __all__ = [
-    "STRATEGIES",
+    "SAMPLER_CLASSES",
     "FixedSampler",
     "GridParamsSampler",
     "RandomLinearSampler",

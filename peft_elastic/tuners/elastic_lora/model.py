@@ -16,6 +16,7 @@ from ...fsdp import refuse_sharded
 from ...quantization.layers import is_gptq_layer, pin_standard_layout, save_in_checkpoint_format
 from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
+from .fingerprint import base_fingerprint, check_base_fingerprint
 from .layer import Linear
 from .space import block_groups, rank_groups, remove_block_hooks, width_groups
 
@@ -135,8 +136,6 @@ class ElasticLoraModel(LoraModel):
         config (a loaded adapter) is checked against `model` before anything is changed, and a fresh adapter (or one
         saved without it) gets the fingerprint of `model`. Every path that adds an adapter comes here
         (`get_peft_model`, `PeftModel.from_pretrained`/`load_adapter`/`add_adapter`, transformers' `load_adapter`)."""
-        from ...importance import check_base_fingerprint  # the importance ordering sits above the tuners
-
         config = self.peft_config[adapter_name]
         taken_here = getattr(config, "_fingerprint_taken_here", False)
         if _slices_base(config) and config.base_fingerprint is not None and not taken_here:
@@ -152,8 +151,6 @@ class ElasticLoraModel(LoraModel):
         """Record in `config` the fingerprint of the base weights of the adapter's elastic producers and of the first
         adapted layer of each droppable block. `config` remembers that it was taken here: a fresh config reused for
         another `get_peft_model` is fingerprinted again, not checked."""
-        from ...importance import base_fingerprint
-
         groups = width_groups(model, config, adapter_name).values()
         layers = {name: layer for group in groups for name, layer, _ in group.producers}
         names = {id(module): name for name, module in model.named_modules()}

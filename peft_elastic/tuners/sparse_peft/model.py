@@ -11,6 +11,7 @@ from torch import nn
 
 from ...fsdp import refuse_sharded
 from ...quantization.layers import check_standard_layout, is_gptq_layer
+from ...quantization.mask import MASK_FILE, load_sparsity_mask
 from ..elastic_lora import layer as elastic_layer
 from ..elastic_lora.model import ElasticLoraModel, _elastic_class
 from .config import DENSE, SparsePEFTConfig
@@ -60,8 +61,6 @@ class SparsePEFTModel(ElasticLoraModel):
         """`{module name: bool (out × in) mask}` for the GPTQ layers (layers without an entry keep every weight): the
         mask file, read one layer per access (`SparsityMaskFile`). Each layer takes its mask and keeps it bit-packed;
         the tuner keeps only the file's names, so no layer's mask is held twice, nor every layer's at once."""
-        from ...quantization.mask import MASK_FILE, load_sparsity_mask  # quantization imports this package
-
         if config.sparsity_mask == DENSE:
             return {}
         if config.sparsity_mask is not None:
