@@ -23,7 +23,7 @@ import peft_elastic
 from peft_elastic import ElasticLoraConfig, NLSConfig
 from peft_elastic.toy import tiny_llama
 from peft_elastic.training import (
-    STRATEGIES,
+    SAMPLER_CLASSES,
     FixedSampler,
     GridParamsSampler,
     RandomLinearSampler,
@@ -496,7 +496,7 @@ def test_grid_params_default_max_tries():
 
 
 def test_make_sampler_builds_each_strategy():
-    assert STRATEGIES == {
+    assert SAMPLER_CLASSES == {
         "random": RandomSampler,
         "sandwich": SandwichSampler,
         "random_linear": RandomLinearSampler,
@@ -516,7 +516,7 @@ def test_make_sampler_builds_each_strategy():
 def test_make_sampler_errors():
     with pytest.raises(ValueError, match=r"Unknown sampling strategy 'uniform'; valid strategies: \[.*\]") as info:
         make_sampler("uniform")
-    assert all(repr(name) in str(info.value) for name in STRATEGIES)
+    assert all(repr(name) in str(info.value) for name in SAMPLER_CLASSES)
     with pytest.raises(ValueError, match=r"\['num_random'\] do not apply to strategy 'random'; it accepts no options"):
         make_sampler("random", num_random=2)
     with pytest.raises(
@@ -530,14 +530,14 @@ def test_make_sampler_errors():
             make_sampler("random", seed=seed)
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", list(SAMPLER_CLASSES))
 def test_sample_before_setup_raises(strategy):
     sampler = make_sampler(strategy)
     with pytest.raises(RuntimeError, match=rf"{type(sampler).__name__}\.setup\(model\) must be called before sample"):
         sampler.sample(0, 10)
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", list(SAMPLER_CLASSES))
 def test_setup_on_a_model_without_elastic_adapters(strategy):
     lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
     for target in (lora, tiny_llama()):
