@@ -32,6 +32,7 @@ _EXPORTS = {
     **dict.fromkeys(("SparsityReport", "measure_sparsity", "save_sparsified", "sparsify"), ".sparsity"),
     **dict.fromkeys(
         (
+            "SearchSpace",
             "get_subnetwork",
             "heuristic_subnetwork",
             "maximal_subnetwork",
@@ -86,6 +87,7 @@ __all__ = [
     "ElasticLoraModel",
     "NLSConfig",
     "QuantizationReport",
+    "SearchSpace",
     "SparsePEFTConfig",
     "SparsePEFTModel",
     "SparsityReport",

@@ -24,8 +24,8 @@ from torch import nn
 from .blocks import decoder_blocks
 from .fsdp import full_parameters, require_gathered
 from .io import export_directory
-from .subnetwork import _groups, _validated, dropped_blocks, module_ranks, module_widths
 from .tuners.elastic_lora.fingerprint import check_base_fingerprint
+from .tuners.elastic_lora.search_space import SearchSpace
 from .tuners.elastic_lora.space import BlockGroup, WidthGroup
 
 #: The config attribute that records per-module shapes `{module name: [out, in]}` of a non-uniform export.
@@ -43,10 +43,10 @@ def compressed_state(
             f"export_compressed_model needs a PeftModel with an elastic adapter, got {type(model).__name__}."
         )
     require_gathered(model, "export_compressed_model")
-    adapter_name, groups = _groups(model, adapter_name)
-    chosen = _validated(subnetwork or {}, groups)
-    ranks = module_ranks(model, chosen, adapter_name)
-    widths = module_widths(model, chosen, adapter_name)
+    space = SearchSpace(model, adapter_name)
+    adapter_name, groups = space.adapter_name, space.groups
+    chosen = space.validated(subnetwork)
+    ranks, widths = space.module_ranks(chosen), space.widths(chosen)
     base = model.get_base_model() if isinstance(model, PeftModel) else model.model
     tuner = model.base_model if isinstance(model, PeftModel) else model
     fingerprint = tuner.peft_config[adapter_name].base_fingerprint
@@ -85,7 +85,7 @@ def compressed_state(
                 continue
             state[key.replace(".base_layer.", ".")] = value
     config = copy.deepcopy(base.config)
-    dropped = dropped_blocks(model, chosen, adapter_name)
+    dropped = space.dropped(chosen)
     if dropped:
         state, shapes = _without_blocks(base, config, dropped, state, shapes)
     uniform = _uniform_sizes(groups, chosen, adapter_name)

@@ -24,8 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .checks import check_int
 from .quantization.layers import is_gptq_layer
-from .subnetwork import _adapter_parameters, _dropped, _groups, _resolve, _tuner, _validated, _widths
 from .tuners.elastic_lora.config import DEFAULT_HEAD_MODULES
+from .tuners.elastic_lora.search_space import SearchSpace, elastic_tuner
 
 #: Sequence length of `count_macs` and of the inputs `measure_latency` makes, unless given.
 DEFAULT_SEQ_LEN = 128
@@ -82,7 +82,8 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
+def check_count(name: str, value: object, minimum: int) -> int:
+    """`check_int` in the cost model's words ("an integer >= minimum"), for its counts (seq_len, repeats, ...)."""
     return check_int(name, value, minimum, valid=f"an integer >= {minimum}")
 
 
@@ -100,18 +101,17 @@ class CostModel:
 
     def __init__(self, model: nn.Module, adapter_name: str | None = None) -> None:
         try:
-            tuner = _tuner(model)
+            tuner = elastic_tuner(model)
         except ValueError as error:  # no elastic adapter: everything at full size
             if adapter_name is not None:
                 raise
             self._no_tuner = error
             self._root = model.get_base_model() if isinstance(model, PeftModel) else model
-            self._adapter, self._groups, self._qkv = None, {}, DEFAULT_HEAD_MODULES[0]
+            self._space, self._qkv = None, DEFAULT_HEAD_MODULES[0]
         else:
             self._no_tuner = None
-            _, adapter_name, config = _resolve(tuner, adapter_name)
-            self._adapter, self._groups = _groups(tuner, adapter_name)
-            self._root, self._qkv = tuner.model, tuple(config.head_modules[0])
+            self._space = SearchSpace(tuner, adapter_name)
+            self._root, self._qkv = tuner.model, tuple(self._space.config.head_modules[0])
         self._walk = list(_modules(self._root))
         self._tensors = self._parameter_items()
         self._attention: list[tuple[str, int, str, tuple[int, int]]] | None = None  # built by the first `macs`
@@ -137,9 +137,8 @@ class CostModel:
             if subnetwork is not None:
                 raise self._no_tuner
             return {}, frozenset()
-        chosen = _validated(subnetwork or {}, self._groups)
-        dropped = frozenset(_dropped(self._groups, chosen, self._adapter))
-        return _widths(self._groups, chosen, self._adapter), dropped
+        chosen = self._space.validated(subnetwork)
+        return self._space.widths(chosen), frozenset(self._space.dropped(chosen))
 
     def params(self, subnetwork: Mapping[str, int] | None = None) -> int:
         """`count_parameters(model, subnetwork)`."""
@@ -160,7 +159,7 @@ class CostModel:
 
     def macs(self, subnetwork: Mapping[str, int] | None = None, seq_len: int = DEFAULT_SEQ_LEN) -> int:
         """`count_macs(model, subnetwork, seq_len)`."""
-        _check_count("seq_len", seq_len, 1)
+        check_count("seq_len", seq_len, 1)
         widths, dropped = self._deployed(subnetwork)
         linear = attention = 0
         for name, shape, _ in self._tensors:
@@ -198,7 +197,7 @@ class CostModel:
         """`num_adapter_parameters(model, subnetwork)`."""
         if self._no_tuner is not None:
             raise self._no_tuner
-        return _adapter_parameters(self._groups, _validated(subnetwork or {}, self._groups), self._adapter)
+        return self._space.adapter_parameters(self._space.validated(subnetwork))
 
 
 # ------------------------------------------------------------------------------------------ analytic counts
@@ -282,10 +281,10 @@ def measure_latency(
     without them, random ones (fixed seed) of shape `(batch_size, seq_len)`, default `(1, DEFAULT_SEQ_LEN)`, drawn
     from the model's input-embedding vocabulary and put on the embeddings' device.
     """
-    _check_count("warmup", warmup, 0)
-    _check_count("repeats", repeats, 1)
+    check_count("warmup", warmup, 0)
+    check_count("repeats", repeats, 1)
     if input_ids is None:
-        input_ids = _random_tokens(model, seq_len, batch_size)
+        input_ids = random_tokens(model, seq_len, batch_size)
     elif seq_len is not None or batch_size is not None:
         raise ValueError(
             f"Pass either input_ids or seq_len/batch_size, not both (got input_ids of shape {tuple(input_ids.shape)}, "
@@ -309,9 +308,10 @@ def measure_latency(
     return Latency(median=statistics.median(times), min=min(times), times=tuple(times))
 
 
-def _random_tokens(model: nn.Module, seq_len: int | None, batch_size: int | None) -> torch.Tensor:
-    seq_len = _check_count("seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
-    batch_size = _check_count("batch_size", 1 if batch_size is None else batch_size, 1)
+def random_tokens(model: nn.Module, seq_len: int | None, batch_size: int | None) -> torch.Tensor:
+    """Token ids (batch_size × seq_len, defaults 1 × DEFAULT_SEQ_LEN) drawn from `model`'s vocabulary, for timing."""
+    seq_len = check_count("seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
+    batch_size = check_count("batch_size", 1 if batch_size is None else batch_size, 1)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, nn.Embedding):
         raise ValueError(

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .fsdp import full_parameters, require_gathered
 from .io import export_directory
-from .subnetwork import _rank_groups, module_ranks, removed_from_base
+from .tuners.elastic_lora.search_space import SearchSpace
 
 # LoraConfig fields that the export sets itself; every other field is copied from the elastic config.
 _DERIVED_FIELDS = {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "inference_mode"}
@@ -57,11 +57,12 @@ def sub_adapter_state(
             f"{type(model).__name__}."
         )
     require_gathered(model, "sub_adapter_state")
-    adapter_name, groups = _rank_groups(model, adapter_name)
-    config = model.peft_config[adapter_name]
-    ranks = module_ranks(model, subnetwork, adapter_name)
-    layers = {module_name: layer for group in groups.values() for module_name, layer in group.modules}
-    removed = removed_from_base(model, subnetwork, adapter_name)
+    space = SearchSpace(model, adapter_name)
+    adapter_name, config = space.adapter_name, space.config
+    chosen = space.validated(subnetwork)
+    ranks = space.module_ranks(chosen)
+    layers = {module_name: layer for group in space.rank_groups.values() for module_name, layer in group.modules}
+    removed = space.removed_from_base(chosen)
     if removed:
         raise ValueError(
             f"This subnetwork narrows the base or drops blocks of it ({len(removed)} modules or blocks, e.g. "

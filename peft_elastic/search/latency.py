@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..cost import DEFAULT_SEQ_LEN, _check_count, _random_tokens
+from ..cost import DEFAULT_SEQ_LEN, check_count, random_tokens
 from ..subnetwork import maximal_subnetwork, set_subnetwork
 
 
@@ -51,15 +51,15 @@ class RelativeLatency:
         max_rounds: int = 15,
         max_spread: float = 0.1,
     ) -> None:
-        self.rounds = _check_count("rounds", rounds, 1)
-        self.warmup = _check_count("warmup", warmup, 0)
-        self.max_rounds = _check_count("max_rounds", max_rounds, self.rounds)
+        self.rounds = check_count("rounds", rounds, 1)
+        self.warmup = check_count("warmup", warmup, 0)
+        self.max_rounds = check_count("max_rounds", max_rounds, self.rounds)
         if isinstance(max_spread, bool) or not isinstance(max_spread, (int, float)) or not max_spread >= 0:
             raise ValueError(f"max_spread must be a number >= 0, got {max_spread!r}.")
         self.max_spread = float(max_spread)
         self.adapter_name = adapter_name
         self.reference = maximal_subnetwork(model, adapter_name)
-        self.input_ids = _random_tokens(model, seq_len, batch_size)
+        self.input_ids = random_tokens(model, seq_len, batch_size)
         self.last: dict | None = None
 
     def _time(self, model: nn.Module, subnetwork: Mapping[str, int]) -> float:

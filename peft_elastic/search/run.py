@@ -15,20 +15,19 @@ from torch import nn
 from ..checks import check_int
 from ..choices import SEARCH_COSTS
 from ..cost import CostModel
-from ..subnetwork import (
-    _groups,
-    apply_subnetwork,
-    get_subnetwork,
-    heuristic_subnetwork,
-    maximal_subnetwork,
-    minimal_subnetwork,
-    search_space,
-    set_subnetwork,
-)
+from ..subnetwork import SearchSpace, heuristic_subnetwork, maximal_subnetwork, minimal_subnetwork
 from ..tuners.elastic_lora.space import RankGroup
 from .latency import RelativeLatency
 from .result import SearchResult
-from .strategies import MAX_REPEATS, SearchStrategy, Stop, _key, resumed_seed, search_strategy, unevaluated_subnetwork
+from .strategies import (
+    MAX_REPEATS,
+    SearchStrategy,
+    Stop,
+    resumed_seed,
+    search_strategy,
+    subnetwork_key,
+    unevaluated_subnetwork,
+)
 
 DIRECTIONS = ("minimize", "maximize")
 
@@ -78,7 +77,8 @@ def run_search(
     from optuna.distributions import CategoricalDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = search_space(model, adapter_name)
+    search = SearchSpace(model, adapter_name)  # the groups, found once: trials switch subnetworks through it
+    space = search.choices
     distributions = {name: CategoricalDistribution(choices) for name, choices in space.items()}
     seeds = {
         "maximal": maximal_subnetwork(model, adapter_name),
@@ -111,8 +111,7 @@ def run_search(
         n_trials = min(n_trials, strategy.max_trials)
 
     measure = _cost_function(model, cost, seq_len, adapter_name)
-    resolved_adapter, groups = _groups(model, adapter_name)
-    if cost in ("params", "macs") and all(isinstance(group, RankGroup) for group in groups.values()):
+    if cost in ("params", "macs") and all(isinstance(group, RankGroup) for group in search.groups.values()):
         warnings.warn(
             f"cost={cost!r} is the same for every subnetwork of this model: with rank choices only, each deploys as a "
             "model of the base's size. Use cost='adapter_params' (the adapter parameters, what Shears compares), "
@@ -120,7 +119,7 @@ def run_search(
             UserWarning,
             stacklevel=2,
         )
-    active = get_subnetwork(model, adapter_name)
+    active = search.current()
     rng = random.Random(seed)
     timing = {"switch_seconds": 0.0, "evaluate_seconds": 0.0, "cost_seconds": 0.0, "evaluations": 0, "repeats": 0}
     started = time.perf_counter()
@@ -145,7 +144,7 @@ def run_search(
             trial = study.ask(distributions)
             params = trial.params  # a copy per access
             subnetwork = {name: params[name] for name in space}
-            key = _key(subnetwork, space)
+            key = subnetwork_key(subnetwork, space)
             if key in evaluated:  # proposed again: served from the storage, not evaluated nor counted; ask again
                 trial.set_user_attr("repeat_of", evaluated[key])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -154,7 +153,7 @@ def run_search(
                 continue
             in_a_row = 0
             tick = time.perf_counter()
-            apply_subnetwork(groups, subnetwork, resolved_adapter)  # the sampled choices come from the space
+            search.apply(subnetwork)  # the sampled choices come from the space: valid
             timing["switch_seconds"] += time.perf_counter() - tick
             tick = time.perf_counter()
             metric = evaluate(model)
@@ -176,7 +175,7 @@ def run_search(
             bar.update(1)
     finally:
         bar.close()
-        set_subnetwork(model, active, adapter_name)
+        search.apply(active)
     if stopped is not None:
         stopped += f": the search stopped at {finished} of n_trials={n_trials} trials."
         warnings.warn(stopped, UserWarning, stacklevel=2)
@@ -230,7 +229,7 @@ def _evaluated(study, space) -> dict[tuple, int]:
     evaluated = {}
     for trial in study.get_trials(deepcopy=False):
         if _counted(trial):
-            evaluated.setdefault(_key(trial.params, space), trial.number)
+            evaluated.setdefault(subnetwork_key(trial.params, space), trial.number)
     return evaluated
 
 

@@ -103,7 +103,7 @@ class HillClimbStrategy(SearchStrategy):
         import optuna
 
         trials = study.get_trials(deepcopy=False)
-        evaluated = {_key(t.params, space) for t in trials if len(t.params) == len(space)}
+        evaluated = {subnetwork_key(t.params, space) for t in trials if len(t.params) == len(space)}
         complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         sign = 1 if direction == "minimize" else -1
         front = pareto_front(complete, lambda t: (sign * t.values[0], t.values[1]), lambda t: t.number)
@@ -149,7 +149,7 @@ def hill_climb_proposal(
     starts = list(front)
     rng.shuffle(starts)
     for start in starts:
-        options = [n for n in neighbours(start, space) if _key(n, space) not in evaluated]
+        options = [n for n in neighbours(start, space) if subnetwork_key(n, space) not in evaluated]
         if options:
             return rng.choice(options)
     return None
@@ -167,10 +167,11 @@ def unevaluated_subnetwork(
         for name, choices in reversed(space.items()):  # the last group varies fastest
             index, position = divmod(index, len(choices))
             subnetwork[name] = choices[position]
-        if _key(subnetwork, space) not in evaluated:
+        if subnetwork_key(subnetwork, space) not in evaluated:
             return {name: subnetwork[name] for name in space}
     return None
 
 
-def _key(subnetwork: dict[str, int], space: dict[str, list[int]]) -> tuple:
+def subnetwork_key(subnetwork: dict[str, int], space: dict[str, list[int]]) -> tuple:
+    """`subnetwork`'s choices in the order of `space`: a hashable key (what identifies an evaluated subnetwork)."""
     return tuple(subnetwork[name] for name in space)

@@ -25,10 +25,8 @@ from torch import nn
 
 from ..checks import check_int
 from ..subnetwork import (
+    SearchSpace,
     Subnetwork,
-    _groups,
-    _rank_groups,
-    _validated,
     heuristic_subnetwork,
     maximal_subnetwork,
     minimal_subnetwork,
@@ -53,8 +51,7 @@ def named_subnetwork(model: nn.Module, subnetwork: str | Mapping[str, int], adap
         raise ValueError(
             f"A subnetwork is 'maximal', 'heuristic', 'minimal' or a dict {{group name: choice}}, got {subnetwork!r}."
         )
-    _, groups = _groups(model, adapter_name)
-    return _validated(subnetwork, groups)
+    return SearchSpace(model, adapter_name).validated(subnetwork)
 
 
 def step_rng(seed: int, step: int) -> random.Random:
@@ -292,7 +289,8 @@ class GridParamsSampler(SubnetworkSampler):
 
 def _prefix_square_norms(model: nn.Module, adapter_name: str | None) -> dict[str, dict[int, float]]:
     """`{group: {rank k: Σ over the group's modules of ||A[:k]||² + ||B[:, :k]||²}}` for every choice `k`."""
-    adapter_name, groups = _rank_groups(model, adapter_name)
+    space = SearchSpace(model, adapter_name)
+    adapter_name, groups = space.adapter_name, space.rank_groups
     norms = {}
     with torch.no_grad():
         for name, group in groups.items():

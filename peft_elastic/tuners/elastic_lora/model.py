@@ -18,6 +18,7 @@ from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .layer import Linear
+from .search_space import SearchSpace
 from .space import block_groups, rank_groups, remove_block_hooks, width_groups
 
 
@@ -28,7 +29,7 @@ def _slices_base(config) -> bool:
     )
 
 
-def _elastic_class(base_layer: nn.Module) -> type | None:
+def elastic_class(base_layer: nn.Module) -> type | None:
     """The elastic layer class for `base_layer`, or None when it is not supported. Quantized types come first:
     bitsandbytes layers are `nn.Linear` subclasses."""
     if is_bnb_available():
@@ -97,7 +98,7 @@ class ElasticLoraModel(LoraModel):
     @staticmethod
     def _layer_class(base_layer: nn.Module) -> type | None:
         """The adapter layer class for `base_layer` (None: unsupported). Subclasses map to their own layers."""
-        return _elastic_class(base_layer)
+        return elastic_class(base_layer)
 
     @classmethod
     def _create_new_module(cls, config: ElasticLoraConfig, adapter_name: str, target: nn.Module, **kwargs):
@@ -184,11 +185,10 @@ class ElasticLoraModel(LoraModel):
         sizes): a full-size merge would not compute what the subnetwork computes. This model is then left as it
         was."""
         from ...compressed import compressed_model  # the export sits above the tuners
-        from ...subnetwork import removed_from_base
 
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
         elastic = [name for name in names if isinstance(self.peft_config.get(name), ElasticLoraConfig)]
-        narrowing = [name for name in elastic if removed_from_base(self, adapter_name=name)]
+        narrowing = [name for name in elastic if SearchSpace(self, name).removed_from_base({})]
         if not narrowing:
             return super().merge_and_unload(
                 progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

@@ -21,6 +21,14 @@ class RankGroup:
     choices: tuple[int, ...]
     modules: tuple[tuple[str, ElasticLoraLayer], ...]  # (module name in the base model, layer)
 
+    def value(self, adapter_name: str) -> int:
+        """The active rank (every module of the group has it)."""
+        return self.modules[0][1].active_rank(adapter_name)
+
+    def apply(self, adapter_name: str, value: int) -> None:
+        for _, layer in self.modules:
+            layer.set_active_rank(adapter_name, value)
+
 
 def rank_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str) -> dict[str, RankGroup]:
     """The rank groups of `adapter_name` in `model` (the tuner's wrapped model), in module order.

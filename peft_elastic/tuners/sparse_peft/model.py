@@ -13,7 +13,7 @@ from ...fsdp import refuse_sharded
 from ...quantization.layers import check_standard_layout, is_gptq_layer
 from ...quantization.mask import MASK_FILE, load_sparsity_mask
 from ..elastic_lora import layer as elastic_layer
-from ..elastic_lora.model import ElasticLoraModel, _elastic_class
+from ..elastic_lora.model import ElasticLoraModel, elastic_class
 from .config import DENSE, SparsePEFTConfig
 from .layer import Linear
 
@@ -24,7 +24,7 @@ class SparsePEFTModel(ElasticLoraModel):
 
     @staticmethod
     def _layer_class(base_layer: nn.Module) -> type | None:
-        elastic = _elastic_class(base_layer)
+        elastic = elastic_class(base_layer)
         if elastic is None:
             return None
         if elastic is elastic_layer.Linear:
