@@ -171,11 +171,12 @@ class SearchSpace:
 
     def parameters_per_rank(self) -> dict[str, int]:
         """`{rank group name: adapter parameters per unit of rank}` (`in + out` over its modules, full width)."""
-        adapter = self.adapter_name
-        return {
-            name: sum(layer.lora_A[adapter].in_features + layer.lora_B[adapter].out_features for _, layer in modules)
-            for name, modules in ((name, group.modules) for name, group in self.rank_groups.items())
-        }
+        adapter, per_rank = self.adapter_name, {}
+        for name, group in self.rank_groups.items():
+            per_rank[name] = sum(
+                layer.lora_A[adapter].in_features + layer.lora_B[adapter].out_features for _, layer in group.modules
+            )
+        return per_rank
 
     def _refuse_dropping_under_zero3(self, chosen: Mapping[str, int]) -> None:
         """DeepSpeed ZeRO-3 (its parameters carry `ds_status`) updates the parameters of a block that no backward pass
