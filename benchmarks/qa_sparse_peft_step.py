@@ -57,7 +57,7 @@ import peft_elastic
 from peft_elastic import SparsePEFTConfig
 from peft_elastic.quantization import unpack_rows
 from peft_elastic.toy import arithmetic_problems, train_tokenizer
-from peft_elastic.tuners.sparse_peft.gptq import QAGPTQLinear
+from peft_elastic.tuners.sparse_peft import is_quant_aware_layer
 
 SCRIPT = "benchmarks/qa_sparse_peft_step.py"
 GOAL = 2.0  # qa_sparse_peft / lora step time
@@ -143,12 +143,12 @@ class MergeResult:
     grid_identical: bool  # qzeros, scales and g_idx bit for bit
 
 
-def qa_layers(model) -> dict[str, QAGPTQLinear]:
+def qa_layers(model) -> dict[str, torch.nn.Module]:
     """The QA-SparsePEFT GPTQ layers of `model` by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, QAGPTQLinear)}
+    return {name: module for name, module in model.named_modules() if is_quant_aware_layer(module)}
 
 
-def snapshot(layers: dict[str, QAGPTQLinear], parts: tuple[str, ...]) -> dict[tuple[str, str], torch.Tensor]:
+def snapshot(layers: dict[str, torch.nn.Module], parts: tuple[str, ...]) -> dict[tuple[str, str], torch.Tensor]:
     """Copies of the GPTQ tensors `parts` (e.g. "qweight") of each layer's base, by (layer name, part)."""
     return {(n, p): getattr(m.get_base_layer(), p).detach().clone() for n, m in layers.items() for p in parts}
 

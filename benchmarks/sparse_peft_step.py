@@ -61,7 +61,7 @@ from step_time import (
 
 import peft_elastic
 from peft_elastic import SparsePEFTConfig
-from peft_elastic.tuners.sparse_peft import SparsePEFTLayer
+from peft_elastic.tuners.sparse_peft import is_sparse_peft_layer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SPARSITY = 0.5
@@ -105,7 +105,7 @@ def sparse_base(setup: Setup):
 def reference_forward(self, x, *args, **kwargs):
     """The reference formulation: dense `B A`, mask rebuilt from the base weight, autograd through both."""
     base = self.get_base_layer()
-    weight_a, weight_b = self._factors("default")
+    weight_a, weight_b = self.active_factors("default")
     mask = base.weight != 0
     return F.linear(x, base.weight, base.bias) + F.linear(x, (weight_b @ weight_a) * self.scaling["default"] * mask)
 
@@ -120,7 +120,7 @@ def build(name: str, setup: Setup):
         model = get_peft_model(sparse_base(setup), SparsePEFTConfig(**kwargs))
         if name == "reference":
             for module in model.modules():
-                if isinstance(module, SparsePEFTLayer):
+                if is_sparse_peft_layer(module):
                     module.forward = types.MethodType(reference_forward, module)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():

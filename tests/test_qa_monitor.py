@@ -20,6 +20,7 @@ import peft_elastic
 from peft_elastic import SparsePEFTConfig
 from peft_elastic.quantization.packing import unpack_rows
 from peft_elastic.training import ElasticSFTTrainer, QuantizationAwareCallback, SubnetworkSamplingCallback
+from peft_elastic.tuners.sparse_peft.gptq import is_quant_aware_layer, quant_grid, transposed_mask
 from peft_elastic.tuners.sparse_peft.monitor import CodeChanges, codes_changed
 
 
@@ -149,10 +150,10 @@ def test_codes_changed_on_a_hand_built_update_matches_the_rounding_rule(quantize
     flips (the threshold of the docs), as long as the code is not at the end of the grid."""
     path, _ = quantized(4, False)
     model = get_peft_model(load_gptq(path), qa_config(r=1, lora_alpha=1, target_modules=["q_proj"]))
-    layers = [m for m in model.modules() if hasattr(m, "sparse_mask_t")]
+    layers = [m for m in model.modules() if is_quant_aware_layer(m)]
     layer = layers[0]
-    grid = layer._grid()
-    mask_t = layer.mask_t()  # (in × out)
+    grid = quant_grid(layer)
+    mask_t = transposed_mask(layer)  # (in × out)
     codes = grid.codes_into(torch.empty(mask_t.shape))
     inside = mask_t & (codes > 0) & (codes < grid.maxq)
     rows, cols = inside.nonzero(as_tuple=True)

@@ -23,7 +23,8 @@ from peft_elastic import ElasticLoraConfig, NLSConfig, SparsePEFTConfig
 from peft_elastic.quantization import MASK_FILE, dequantize, load_sparsity_mask
 from peft_elastic.quantization.layers import zero_format, zeros
 from peft_elastic.training import SubnetworkSamplingCallback
-from peft_elastic.tuners.sparse_peft.gptq import GPTQLinear, QAGPTQLinear
+from peft_elastic.tuners.sparse_peft import is_quant_aware_layer, is_sparse_peft_layer, sparsity_mask
+from peft_elastic.tuners.sparse_peft.gptq import quant_grid, transposed_mask
 from peft_elastic.tuners.sparse_peft.quantized import merged_codes
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,8 +77,8 @@ def oracle(layer, weight_a, weight_b, scaling, mask):
     return codes.detach().to(torch.int64), weight
 
 
-def qa_layers(model) -> dict[str, QAGPTQLinear]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, QAGPTQLinear)}
+def qa_layers(model) -> dict[str, torch.nn.Module]:
+    found = {n: m for n, m in model.named_modules() if is_quant_aware_layer(m)}
     return {n.removeprefix("base_model.model."): m for n, m in found.items()}
 
 
@@ -115,7 +116,7 @@ def test_qa_forward_merge_and_reload_are_exact(quantized, bits, desc_act, hidden
     before = gptq_state(model)
     randomize_adapters(model)
     layers = qa_layers(model)
-    assert len(layers) == 12 and all(layer.mask().equal(masks[name]) for name, layer in layers.items())
+    assert len(layers) == 12 and all(sparsity_mask(layer).equal(masks[name]) for name, layer in layers.items())
 
     inputs, outputs = {}, {}
 
@@ -197,7 +198,7 @@ def test_unmerge_restores_the_codes_and_merge_follows_the_active_rank(quantized)
     peft_elastic.set_subnetwork(model, peft_elastic.minimal_subnetwork(model))
     layer = next(iter(qa_layers(model).values()))
     assert layer.active_rank("default") == 4
-    expected, _ = oracle(layer, *factors(layer), layer.scaling["default"], layer.mask())
+    expected, _ = oracle(layer, *factors(layer), layer.scaling["default"], sparsity_mask(layer))
     model.merge_adapter()
     weight = dense(layer.get_base_layer())
     groups = layer.get_base_layer().g_idx.long()
@@ -231,7 +232,7 @@ def test_straight_through_gradients_match_the_oracle(quantized):
     a = layer.lora_A["default"].weight.detach().double().requires_grad_()
     b = layer.lora_B["default"].weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
-    _, weight = oracle(layer, a[:6], b[:, :6], layer.scaling["default"], layer.mask())
+    _, weight = oracle(layer, a[:6], b[:, :6], layer.scaling["default"], sparsity_mask(layer))
     ((x64 @ weight.T) * probe.double()).sum().backward()
     assert layer.active_rank("default") == 6
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
@@ -239,7 +240,7 @@ def test_straight_through_gradients_match_the_oracle(quantized):
     torch.testing.assert_close(layer.lora_B["default"].weight.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
     assert not a.grad[6:].any() and not layer.lora_A["default"].weight.grad[6:].any()  # inactive rows: no gradient
     # the gradient is masked: the STE passes it only to kept weights that were not clipped
-    assert layer.mask().float().mean() == pytest.approx(0.5, abs=0.01), name
+    assert sparsity_mask(layer).float().mean() == pytest.approx(0.5, abs=0.01), name
 
 
 @pytest.mark.parametrize("hidden", [128, 256])
@@ -399,15 +400,15 @@ def test_fp_adapters_train_and_reload_on_the_default_int4_base(quantized, kind, 
         assert torch.equal(again(input_ids).logits, model(input_ids).logits)
     if kind == "sparse_peft":
         masks = load_sparsity_mask(path)
-        found = {n: m for n, m in again.named_modules() if isinstance(m, GPTQLinear)}
+        found = {n: m for n, m in again.named_modules() if is_sparse_peft_layer(m)}
         layers = {n.removeprefix("base_model.model."): m for n, m in found.items()}
         assert len(layers) == 12
         for name, layer in layers.items():
-            assert torch.equal(layer.mask(), masks[name])
+            assert torch.equal(sparsity_mask(layer), masks[name])
             assert bool((layer.get_delta_weight("default")[~masks[name]] == 0).all())
         with pytest.raises(ValueError, match="trained without quantization_aware=True"):
             again.merge_and_unload()
-        assert len(layers) == sum(isinstance(m, GPTQLinear) for m in again.modules())  # nothing was unloaded
+        assert len(layers) == sum(is_sparse_peft_layer(m) for m in again.modules())  # nothing was unloaded
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -435,7 +436,7 @@ def test_errors(quantized, tmp_path):
     with pytest.raises(FileNotFoundError, match="No sparsity mask at"):
         get_peft_model(load_gptq(bare), qa_config(sparsity_mask=str(tmp_path / "nowhere")))
     dense_model = get_peft_model(load_gptq(bare), qa_config(sparsity_mask="dense"))
-    assert all(bool(layer.mask().all()) for layer in qa_layers(dense_model).values())
+    assert all(bool(sparsity_mask(layer).all()) for layer in qa_layers(dense_model).values())
     # a mask of another model
     other = tmp_path / "other.safetensors"
     peft_elastic.quantization.save_sparsity_mask({"transformer.h.0.attn": torch.ones(2, 2, dtype=torch.bool)}, other)
@@ -501,5 +502,7 @@ def test_qa_forward_and_gradients_are_float32_under_bf16_autocast(quantized):
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
             layer = layers[first]
-            codes[autocast] = merged_codes(layer._grid(), *factors(layer), layer.scaling["default"], layer.mask_t())
+            codes[autocast] = merged_codes(
+                quant_grid(layer), *factors(layer), layer.scaling["default"], transposed_mask(layer)
+            )
     assert torch.equal(codes[True], codes[False])

@@ -21,10 +21,11 @@ from peft_elastic import SparsePEFTConfig
 from peft_elastic.toy import arithmetic_problems, tiny_llama, train_tokenizer
 from peft_elastic.training import SubnetworkSamplingCallback
 from peft_elastic.tuners.sparse_peft import (
-    SparsePEFTLayer,
     clear_workspace,
+    is_sparse_peft_layer,
     masked_low_rank_linear,
     pack_mask,
+    sparsity_mask,
     unpack_mask,
     workspace_bytes,
 )
@@ -49,8 +50,8 @@ def sparse_peft(base=None, choices=CHOICES, **kwargs):
     return model
 
 
-def layers(model) -> dict[str, SparsePEFTLayer]:
-    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, SparsePEFTLayer)}
+def layers(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.get_base_model().named_modules() if is_sparse_peft_layer(m)}
 
 
 def zero_patterns(model) -> dict[str, torch.Tensor]:
@@ -299,10 +300,10 @@ def test_mask_is_cached_from_creation_and_not_saved(tmp_path, input_ids):
     model = sparse_peft()
     layer = layers(model)["model.layers.0.self_attn.q_proj"]
     expected = layer.get_base_layer().weight != 0
-    assert torch.equal(layer.mask(), expected)
+    assert torch.equal(sparsity_mask(layer), expected)
     assert layer.sparse_mask.dtype == torch.uint8 and layer.sparse_mask.numel() == expected.numel() // 8
     model.merge_adapter()
-    assert torch.equal(layer.mask(), expected)  # unchanged by merging
+    assert torch.equal(sparsity_mask(layer), expected)  # unchanged by merging
     model.unmerge_adapter()
 
     model.save_pretrained(tmp_path)
@@ -310,7 +311,7 @@ def test_mask_is_cached_from_creation_and_not_saved(tmp_path, input_ids):
     assert not any("mask" in key for key in tensors) and len(tensors) == 30
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SPARSE_PEFT"
     again = PeftModel.from_pretrained(sparse_llama(), tmp_path)
-    assert torch.equal(layers(again)["model.layers.0.self_attn.q_proj"].mask(), expected)
+    assert torch.equal(sparsity_mask(layers(again)["model.layers.0.self_attn.q_proj"]), expected)
     model.eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids).logits, model(input_ids).logits)
@@ -352,7 +353,7 @@ def test_nf4_base_keeps_zeros_through_merge(tmp_path, input_ids):
     assert torch.equal(zeros, sparse.model.layers[0].self_attn.q_proj.weight == 0)  # NF4 keeps exact zeros
     model = sparse_peft(base)
     layer = layers(model)["model.layers.0.self_attn.q_proj"]
-    assert type(layer).__name__ == "Linear4bit" and torch.equal(layer.mask(), ~zeros)
+    assert type(layer).__name__ == "Linear4bit" and torch.equal(sparsity_mask(layer), ~zeros)
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(0))
     k = layer.active_rank("default")
     a, b = layer.lora_A["default"].weight[:k], layer.lora_B["default"].weight[:, :k]
@@ -364,7 +365,7 @@ def test_nf4_base_keeps_zeros_through_merge(tmp_path, input_ids):
     # every zero survives the requantization; NF4 also rounds some merged values below half its smallest code to zero
     # (measured: 3.6 % of the weights here; magnitude pruning had removed all small ones before)
     assert bool(after[zeros].all()) and (after & ~zeros).float().mean() < 0.1
-    assert torch.equal(layer.mask(), ~zeros)
+    assert torch.equal(sparsity_mask(layer), ~zeros)
 
 
 # ------------------------------------------------------------------------------------------------------ errors

@@ -21,9 +21,9 @@ MIN_FRACTION = 1e-4
 
 
 def has_quantization_aware_layers(model) -> bool:
-    from ..tuners.sparse_peft.gptq import QAGPTQLinear
+    from ..tuners.sparse_peft.gptq import is_quant_aware_layer
 
-    return any(isinstance(module, QAGPTQLinear) for module in model.modules())
+    return any(is_quant_aware_layer(module) for module in model.modules())
 
 
 class QuantizationAwareCallback(TrainerCallback):

@@ -292,3 +292,8 @@ class ElasticLoraConfig(LoraConfig):
         """The descending rank choices of the module called `module_name` (its name inside the base model)."""
         key = get_pattern_key(self.rank_choices_pattern.keys(), module_name)
         return list(self.rank_choices_pattern.get(key, self.rank_choices))
+
+    def layer_variant(self):
+        """The variant the layers of this adapter compute with (`peft_elastic.tuners.elastic_lora.variant`), or
+        None for the plain elastic update. Configs of other tuners built on the elastic layers return theirs."""
+        return None

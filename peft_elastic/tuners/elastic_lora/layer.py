@@ -110,18 +110,46 @@ class ElasticLoraLayer(LoraLayer):
             )
         self.lora_A[adapter_name].active_rank = rank
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """`s · B[:, :k] @ A[:k, :]` (out × in, transposed for Conv1D) for the active rank `k` of `adapter`."""
+    def resolve_lora_variant(self, *, config, **kwargs):
+        """The adapter's variant, as its config names it (`layer_variant`): PEFT's own variants are refused by
+        `ElasticLoraConfig`, and this one method serves every base backend."""
+        return config.layer_variant()
+
+    def active_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`A[:k]` and `B[:, :k]` of `adapter` at its active rank `k` (the whole factors, unsliced, at full rank)."""
         k = self.active_rank(adapter)
-        weight_a = self.lora_A[adapter].weight[:k]
-        weight_b = self.lora_B[adapter].weight[:, :k]
+        weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if k == weight_a.shape[0]:
+            return weight_a, weight_b
+        return weight_a[:k], weight_b[:, :k]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """`s · B[:, :k] @ A[:k, :]` (out × in, transposed for Conv1D) for the active rank `k` of `adapter`, as the
+        adapter's variant changes it (a mask, for SparsePEFT)."""
+        weight_a, weight_b = self.active_factors(adapter)
         dtype = weight_b.dtype
         # Half-precision matmuls are slow on CPU: compute in float32 there, as LoRA does.
         upcast = weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
         if upcast:
             weight_a, weight_b = weight_a.float(), weight_b.float()
         delta = transpose(weight_b @ weight_a, getattr(self, "fan_in_fan_out", False)) * self.scaling[adapter]
+        variant = self.lora_variant.get(adapter)
+        if variant is not None:
+            delta = variant.delta_weight(self, adapter, delta)
         return delta.to(dtype) if upcast else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """PEFT's forward of the base backend, unless the variant of the first active adapter computes the whole
+        output itself (`ElasticVariant.whole_forward`)."""
+        if not self.disable_adapters and not self.merged:
+            adapters = [a for a in self.active_adapters if a in self.lora_A]
+            variant = self.lora_variant.get(adapters[0]) if adapters else None
+            if variant is not None:
+                self._check_forward_args(x, *args, **kwargs)
+                result = variant.whole_forward(self, adapters, x, *args, **kwargs)
+                if result is not None:
+                    return result
+        return super().forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "elastic_" + super().__repr__()

@@ -8,7 +8,7 @@ import warnings
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.lora import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,6 +20,7 @@ from .fingerprint import base_fingerprint, check_base_fingerprint
 from .layer import Linear
 from .search_space import SearchSpace
 from .space import block_groups, rank_groups, remove_block_hooks, width_groups
+from .variant import GPTQ_MERGE_REFUSED
 
 
 def _slices_base(config) -> bool:
@@ -95,15 +96,10 @@ class ElasticLoraModel(LoraModel):
     """The tuner of `ElasticLoraConfig` adapters. Targeting, merging, unloading, multiple adapters, quantized bases
     and saving work as for LoRA; only the layers are elastic (see `peft_elastic.tuners.elastic_lora.layer`)."""
 
-    @staticmethod
-    def _layer_class(base_layer: nn.Module) -> type | None:
-        """The adapter layer class for `base_layer` (None: unsupported). Subclasses map to their own layers."""
-        return elastic_class(base_layer)
-
     @classmethod
     def _create_new_module(cls, config: ElasticLoraConfig, adapter_name: str, target: nn.Module, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        layer_cls = cls._layer_class(base_layer)
+        layer_cls = elastic_class(base_layer)
         if layer_cls is None:
             raise ValueError(
                 f"Module {kwargs.get('target_name', '')!r} of type {type(base_layer).__name__} cannot take an elastic "
@@ -167,14 +163,23 @@ class ElasticLoraModel(LoraModel):
         block_groups(model, config, adapter_name)  # also installs the blocks' skip hooks
 
     def _check_merge_allowed(self) -> None:
+        """As for LoRA, except that a GPTQ base may be merged into when every adapted GPTQ layer's adapter merges
+        exactly into its integer weights (QA-SparsePEFT): each other layer raises its reason, before anything is
+        merged. LoraModel's own check refuses every GPTQ model, so on one only PEFT's generic checks and its
+        replicated-layers check are run."""
+        from .gptq import GPTQLinear
+
         refuse_sharded(self.model, "Merging the adapter")
-        if getattr(self.model, "quantization_method", None) == "gptq":
-            raise ValueError(
-                "Cannot merge LoRA layers into a gptq quantized model: rounding the adapter's update to the GPTQ grid "
-                "would lose most of it. Keep the adapter unmerged, or train SparsePEFTConfig(..., "
-                "quantization_aware=True) (QA-SparsePEFT), whose merge into the integer weights is exact."
-            )
-        super()._check_merge_allowed()
+        if getattr(self.model, "quantization_method", None) != "gptq":
+            return super()._check_merge_allowed()
+        layers = [module for module in self.model.modules() if isinstance(module, GPTQLinear)]
+        if not layers:
+            raise ValueError(GPTQ_MERGE_REFUSED)
+        for layer in layers:
+            layer.check_merge()
+        BaseTuner._check_merge_allowed(self)
+        if self.peft_config.get("layer_replication"):
+            raise ValueError("Cannot merge LoRA layers when base model layers are replicated")
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None

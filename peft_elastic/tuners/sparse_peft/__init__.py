@@ -1,20 +1,27 @@
-"""SparsePEFT (SQFT): elastic LoRA whose update is masked by the base weight's sparsity pattern."""
+"""SparsePEFT (SQFT): elastic LoRA whose update is masked by the base weight's sparsity pattern, as a variant of the
+elastic layers (`SparsePEFTVariant`; `QuantAwareVariant` for QA-SparsePEFT on GPTQ bases)."""
 
 from ...quantization.packing import pack_mask, unpack_mask
 from .config import SparsePEFTConfig
 from .function import MaskedLowRankLinear, masked_low_rank_linear
-from .layer import SparsePEFTLayer
+from .gptq import QuantAwareVariant, is_quant_aware_layer
 from .model import SparsePEFTModel
+from .variant import SparsePEFTVariant, is_sparse_peft_layer, set_sparsity_mask, sparsity_mask
 from .workspace import clear_workspace, workspace_bytes
 
 __all__ = [
     "MaskedLowRankLinear",
+    "QuantAwareVariant",
     "SparsePEFTConfig",
-    "SparsePEFTLayer",
     "SparsePEFTModel",
+    "SparsePEFTVariant",
+    "clear_workspace",
+    "is_quant_aware_layer",
+    "is_sparse_peft_layer",
     "masked_low_rank_linear",
     "pack_mask",
-    "clear_workspace",
+    "set_sparsity_mask",
+    "sparsity_mask",
     "unpack_mask",
     "workspace_bytes",
 ]

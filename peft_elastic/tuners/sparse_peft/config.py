@@ -72,3 +72,13 @@ class SparsePEFTConfig(ElasticLoraConfig):
         if self.sparsity_mask is not None and not isinstance(self.sparsity_mask, str):
             self.sparsity_mask = str(self.sparsity_mask)  # a Path: stored as text in adapter_config.json
         self.peft_type = PeftType.SPARSE_PEFT
+
+    def layer_variant(self):
+        """The variant the elastic layers compute this adapter with: SparsePEFT, or QA-SparsePEFT."""
+        if self.quantization_aware:
+            from .gptq import QuantAwareVariant
+
+            return QuantAwareVariant()
+        from .variant import SparsePEFTVariant
+
+        return SparsePEFTVariant()

@@ -1,4 +1,4 @@
-"""`SparsePEFTModel`: the elastic LoRA tuner with SparsePEFT layers."""
+"""`SparsePEFTModel`: the elastic LoRA tuner whose layers compute with the SparsePEFT variant."""
 
 from __future__ import annotations
 
@@ -6,56 +6,46 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...fsdp import refuse_sharded
 from ...quantization.layers import check_standard_layout, is_gptq_layer
 from ...quantization.mask import MASK_FILE, load_sparsity_mask
-from ..elastic_lora import layer as elastic_layer
-from ..elastic_lora.model import ElasticLoraModel, elastic_class
+from ..elastic_lora.model import ElasticLoraModel
 from .config import DENSE, SparsePEFTConfig
-from .layer import Linear
+from .gptq import set_transposed_mask
+from .variant import set_sparsity_mask
 
 
 class SparsePEFTModel(ElasticLoraModel):
-    """The tuner of `SparsePEFTConfig` adapters: targeting, subnetworks, merging and saving as for ElasticLoRA; on
-    GPTQ bases the mask comes from the checkpoint's `sparsity_mask.safetensors` and QA-SparsePEFT merges exactly."""
-
-    @staticmethod
-    def _layer_class(base_layer: nn.Module) -> type | None:
-        elastic = elastic_class(base_layer)
-        if elastic is None:
-            return None
-        if elastic is elastic_layer.Linear:
-            return Linear
-        from ..elastic_lora import bnb as elastic_bnb
-        from . import bnb
-
-        if elastic is getattr(elastic_bnb, "Linear4bit", None):
-            return bnb.Linear4bit
-        if elastic is getattr(elastic_bnb, "Linear8bitLt", None):
-            return bnb.Linear8bitLt
-        raise ValueError(f"SparsePEFTConfig does not support {type(base_layer).__name__} bases.")
+    """The tuner of `SparsePEFTConfig` adapters: the elastic LoRA layers with the SparsePEFT variant (the config's
+    `layer_variant`); targeting, subnetworks, merging and saving as for ElasticLoRA. On GPTQ bases the mask comes
+    from the checkpoint's `sparsity_mask.safetensors`, passed to each layer, and QA-SparsePEFT merges exactly."""
 
     def _create_new_module(self, config: SparsePEFTConfig, adapter_name: str, target: nn.Module, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         name = kwargs.get("target_name", "")
-        if is_gptq_layer(base_layer):
-            from .gptq import GPTQLinear, QAGPTQLinear
-
-            if config.quantization_aware:
-                check_standard_layout(base_layer, name)
-            layer_cls = QAGPTQLinear if config.quantization_aware else GPTQLinear
-            mask = self._gptq_masks(config).get(name)
-            return layer_cls(target, adapter_name, config=config, sparsity_mask=mask, **kwargs)
-        if config.quantization_aware:
+        gptq = is_gptq_layer(base_layer)
+        if config.quantization_aware and not gptq:
             raise ValueError(
                 f"quantization_aware=True trains against a GPTQ base's quantization grid, but module {name!r} is a "
                 f"{type(base_layer).__name__}. Quantize the model with peft_elastic.quantize_gptq and load it with "
                 "AutoModelForCausalLM.from_pretrained, or set quantization_aware=False."
             )
-        return super()._create_new_module(config, adapter_name, target, **kwargs)
+        if config.quantization_aware:
+            check_standard_layout(base_layer, name)
+        layer = super()._create_new_module(config, adapter_name, target, **kwargs)
+        if gptq:  # GPTQ fills pruned weights: the mask of the float model, stored beside the checkpoint
+            mask = self._gptq_masks(config).get(name)
+            shape = (base_layer.out_features, base_layer.in_features)
+            if mask is None:
+                mask = torch.ones(shape, dtype=torch.bool)
+            elif tuple(mask.shape) != shape:
+                raise ValueError(f"The sparsity mask has shape {tuple(mask.shape)}, but this GPTQ layer is {shape}.")
+            set_sparsity_mask(layer, mask.to(base_layer.qweight.device))
+            if config.quantization_aware:
+                set_transposed_mask(layer)
+        return layer
 
     def _gptq_masks(self, config: SparsePEFTConfig) -> Mapping[str, torch.Tensor]:
         """`{module name: bool (out × in) mask}` for the GPTQ layers (layers without an entry keep every weight): the
@@ -94,18 +84,3 @@ class SparsePEFTModel(ElasticLoraModel):
                 )
             cached = self._mask_cache = (path, masks)
         return cached[1]
-
-    def _check_merge_allowed(self) -> None:
-        """As for LoRA, except that GPTQ bases may be merged into when every adapted GPTQ layer is QA-SparsePEFT
-        (whose merge is exact). Any other adapted GPTQ layer raises its reason here, before anything is merged."""
-        from .gptq import GPTQLinear, QAGPTQLinear
-
-        refuse_sharded(self.model, "Merging the adapter")
-        if getattr(self.model, "quantization_method", None) != "gptq":
-            return super()._check_merge_allowed()
-        for module in self.model.modules():
-            if isinstance(module, GPTQLinear) and not isinstance(module, QAGPTQLinear):
-                module.merge()  # raises: an adapter trained without quantization_aware=True
-        BaseTuner._check_merge_allowed(self)
-        if self.peft_config.get("layer_replication"):
-            raise ValueError("Cannot merge LoRA layers when base model layers are replicated")

@@ -41,19 +41,19 @@ def codes_changed(model: nn.Module) -> CodeChanges:
     """The integer codes that `merge_and_unload()` would change in `model`'s QA-SparsePEFT layers (active adapter, at
     the active subnetwork), counted layer by layer against the base's codes. Raises ValueError when `model` has no
     QA-SparsePEFT layer (a float SparsePEFT adapter merges without rounding)."""
-    from .gptq import QAGPTQLinear
+    from .gptq import is_quant_aware_layer, quant_grid, transposed_mask
     from .quantized import merged_codes
 
     changed = total = layers = 0
     for module in model.modules():
-        if not isinstance(module, QAGPTQLinear) or module.merged:
+        if not is_quant_aware_layer(module) or module.merged:
             continue
         adapters = [a for a in module.active_adapters if a in module.lora_A]
         if not adapters:
             continue
-        grid = module._grid()
-        weight_a, weight_b = module._factors(adapters[0])
-        new = merged_codes(grid, weight_a, weight_b, module.scaling[adapters[0]], module.mask_t())  # (in × out)
+        grid = quant_grid(module)
+        weight_a, weight_b = module.active_factors(adapters[0])
+        new = merged_codes(grid, weight_a, weight_b, module.scaling[adapters[0]], transposed_mask(module))  # in × out
         old = grid.codes_into(torch.empty(new.shape, dtype=torch.float32, device=new.device))
         changed += int((new != old).sum())
         total += new.numel()
