@@ -110,7 +110,7 @@ class CostModel:
             self._space, self._qkv = None, DEFAULT_HEAD_MODULES[0]
         else:
             self._no_tuner = None
-            self._space = SearchSpace(tuner, adapter_name)
+            self._space = SearchSpace.of(tuner, adapter_name)
             self._root, self._qkv = tuner.model, tuple(self._space.config.head_modules[0])
         self._walk = list(_modules(self._root))
         self._tensors = self._parameter_items()

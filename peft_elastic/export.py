@@ -57,7 +57,7 @@ def sub_adapter_state(
             f"{type(model).__name__}."
         )
     require_gathered(model, "sub_adapter_state")
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     adapter_name, config = space.adapter_name, space.config
     chosen = space.validated(subnetwork)
     ranks = space.module_ranks(chosen)

@@ -5,8 +5,8 @@ A *subnetwork* is a dict `{group name: choice}` over the groups of one adapter (
 group, and with Mode B widths an MLP intermediate size (`"<mlp module>:width"`) or a number of attention heads
 (`"<attention module>:heads"`). Every function takes a `PeftModel` or its tuner (`model.base_model`) and works on
 `adapter_name`, by default the one active elastic adapter. The active subnetwork is module state: set it between
-steps, never inside `forward`. Each function builds the model's `SearchSpace` (its groups) and asks it; code that
-asks many questions of one model builds the `SearchSpace` once and keeps it.
+steps, never inside `forward`. Each function asks the model's `SearchSpace` (its groups, `SearchSpace.of`: built on
+first use and kept on the tuner until an adapter is added, deleted, loaded or unloaded).
 """
 
 from __future__ import annotations
@@ -41,24 +41,24 @@ __all__ = [
 
 def search_space(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[int]]:
     """`{group name: [choices, largest first]}` for every group: rank groups in module order, then width groups."""
-    return SearchSpace(model, adapter_name).choices
+    return SearchSpace.of(model, adapter_name).choices
 
 
 def get_subnetwork(model: nn.Module, adapter_name: str | None = None) -> Subnetwork:
     """The active subnetwork `{group name: choice}`."""
-    return SearchSpace(model, adapter_name).current()
+    return SearchSpace.of(model, adapter_name).current()
 
 
 def set_subnetwork(model: nn.Module, subnetwork: Mapping[str, int], adapter_name: str | None = None) -> None:
     """Activate `subnetwork`. Groups it does not name keep their choice. Nothing changes if any entry is invalid."""
-    SearchSpace(model, adapter_name).set(subnetwork, training=model.training)
+    SearchSpace.of(model, adapter_name).set(subnetwork, training=model.training)
 
 
 def dropped_blocks(
     model: nn.Module, subnetwork: Mapping[str, int] | None = None, adapter_name: str | None = None
 ) -> list[str]:
     """The names of the decoder blocks `subnetwork` (default: the active one) drops (Mode B, `droppable_layers`)."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     return space.dropped(space.validated(subnetwork))
 
 
@@ -104,7 +104,7 @@ def module_ranks(
 ) -> dict[str, int]:
     """`{module name: rank}` of every adapted module under `subnetwork` (default: the active one; groups it does
     not name keep their active choice)."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     return space.module_ranks(space.validated(subnetwork))
 
 
@@ -113,7 +113,7 @@ def module_widths(
 ) -> dict[str, tuple[int, int]]:
     """`{module name: (output width, input width)}` of every adapted module under `subnetwork` (default: the active
     one): the full sizes, narrowed by the width groups (Mode B)."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     return space.widths(space.validated(subnetwork))
 
 
@@ -123,14 +123,14 @@ def removed_from_base(
     """What `subnetwork` (default: the active one) takes out of the base (Mode B): the names of the modules it
     narrows, then of the decoder blocks it drops. Empty when it keeps the base whole, so that a LoRA adapter or an
     in-place merge can express it."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     return space.removed_from_base(space.validated(subnetwork))
 
 
 def parameters_per_rank(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """`{rank group name: adapter parameters per unit of rank}`: a group at rank `k` uses `k` times this many
     parameters (`in + out` summed over its modules, at full width), not counting LoRA biases."""
-    return SearchSpace(model, adapter_name).parameters_per_rank()
+    return SearchSpace.of(model, adapter_name).parameters_per_rank()
 
 
 def num_adapter_parameters(
@@ -139,5 +139,5 @@ def num_adapter_parameters(
     """The number of adapter parameters `subnetwork` (default: the active one) uses: `k · (in + out)` per module
     of rank `k` and active widths `in`, `out`, plus the LoRA bias if there is one (`out`). Parameters of
     `modules_to_save` are not counted."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     return space.adapter_parameters(space.validated(subnetwork))

@@ -106,3 +106,33 @@ def test_a_model_without_an_elastic_adapter_is_refused():
         SearchSpace(plain)
     with pytest.raises(ValueError, match=r"Unknown elastic adapter 'other'"):
         SearchSpace(get_peft_model(tiny_llama(), ElasticLoraConfig(r=4, target_modules=["q_proj"])), "other")
+
+
+def test_a_model_keeps_its_space_until_its_adapters_change(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny_llama(), ElasticLoraConfig(r=8, lora_alpha=16, rank_choices=[8, 4], target_modules=ALL)
+    )
+    kept = SearchSpace.of(model)
+    assert SearchSpace.of(model) is kept and SearchSpace.of(model.base_model, "default") is kept
+    assert SearchSpace(model) is not kept and SearchSpace(model).choices == kept.choices
+    peft_elastic.set_subnetwork(model, peft_elastic.minimal_subnetwork(model))  # switching keeps the space
+    assert SearchSpace.of(model) is kept and kept.current() == peft_elastic.minimal_subnetwork(model)
+
+    model.save_pretrained(tmp_path)
+    model.add_adapter("narrow", ElasticLoraConfig(r=4, lora_alpha=8, rank_choices=[4, 2], target_modules=["q_proj"]))
+    after_add = SearchSpace.of(model, "default")
+    assert after_add is not kept and after_add.choices == kept.choices
+    assert SearchSpace.of(model, "narrow").choices == {
+        name: [4, 2] for name in SearchSpace(model, "narrow").rank_groups
+    }
+    assert all(name.endswith("q_proj") for name in SearchSpace.of(model, "narrow").rank_groups)
+    model.load_adapter(tmp_path, adapter_name="loaded")
+    after_load = SearchSpace.of(model, "default")
+    assert after_load is not after_add and SearchSpace.of(model, "loaded").choices == kept.choices
+    model.delete_adapter("narrow")
+    assert SearchSpace.of(model, "default") is not after_load
+    with pytest.raises(
+        ValueError, match=re.escape("Unknown elastic adapter 'narrow'; this model has ['default', 'loaded']")
+    ):
+        SearchSpace.of(model, "narrow")

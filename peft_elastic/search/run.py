@@ -77,7 +77,7 @@ def run_search(
     from optuna.distributions import CategoricalDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = SearchSpace(model, adapter_name)  # the groups, found once: trials switch subnetworks through it
+    search = SearchSpace.of(model, adapter_name)  # the groups, found once: trials switch subnetworks through it
     space = search.choices
     distributions = {name: CategoricalDistribution(choices) for name, choices in space.items()}
     seeds = {

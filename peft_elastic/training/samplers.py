@@ -51,7 +51,7 @@ def named_subnetwork(model: nn.Module, subnetwork: str | Mapping[str, int], adap
         raise ValueError(
             f"A subnetwork is 'maximal', 'heuristic', 'minimal' or a dict {{group name: choice}}, got {subnetwork!r}."
         )
-    return SearchSpace(model, adapter_name).validated(subnetwork)
+    return SearchSpace.of(model, adapter_name).validated(subnetwork)
 
 
 def step_rng(seed: int, step: int) -> random.Random:
@@ -289,7 +289,7 @@ class GridParamsSampler(SubnetworkSampler):
 
 def _prefix_square_norms(model: nn.Module, adapter_name: str | None) -> dict[str, dict[int, float]]:
     """`{group: {rank k: Σ over the group's modules of ||A[:k]||² + ||B[:, :k]||²}}` for every choice `k`."""
-    space = SearchSpace(model, adapter_name)
+    space = SearchSpace.of(model, adapter_name)
     adapter_name, groups = space.adapter_name, space.rank_groups
     norms = {}
     with torch.no_grad():

@@ -18,7 +18,8 @@ from .bnb import disable_4bit_cpu_relayout
 from .config import ElasticLoraConfig
 from .fingerprint import base_fingerprint, check_base_fingerprint
 from .layer import Linear
-from .search_space import SearchSpace
+from .narrowed import compressed_model
+from .search_space import SearchSpace, forget_search_spaces
 from .space import block_groups, rank_groups, remove_block_hooks, width_groups
 from .variant import GPTQ_MERGE_REFUSED
 
@@ -137,6 +138,7 @@ class ElasticLoraModel(LoraModel):
         taken_here = getattr(config, "_fingerprint_taken_here", False)
         if _slices_base(config) and config.base_fingerprint is not None and not taken_here:
             check_base_fingerprint(model, config.base_fingerprint, adapter_name)  # before the base is changed
+        forget_search_spaces(self)  # the layers change: every kept SearchSpace is rebuilt on its next use
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         _warn_unmatched_targets(model, config, self.prefix)  # PEFT raised already if no entry matched
@@ -189,11 +191,9 @@ class ElasticLoraModel(LoraModel):
         `peft_elastic.export_compressed_model` writes it (a standard transformers model when every layer has the same
         sizes): a full-size merge would not compute what the subnetwork computes. This model is then left as it
         was."""
-        from ...compressed import compressed_model  # the export sits above the tuners
-
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
         elastic = [name for name in names if isinstance(self.peft_config.get(name), ElasticLoraConfig)]
-        narrowing = [name for name in elastic if SearchSpace(self, name).removed_from_base({})]
+        narrowing = [name for name in elastic if SearchSpace.of(self, name).removed_from_base({})]
         if not narrowing:
             return super().merge_and_unload(
                 progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
@@ -214,7 +214,12 @@ class ElasticLoraModel(LoraModel):
     def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_block_hooks(model)
+        forget_search_spaces(self)
         return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        forget_search_spaces(self)
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise ValueError(

@@ -50,10 +50,31 @@ def elastic_adapter(tuner: nn.Module, adapter_name: str | None) -> str:
     return adapter_name
 
 
+#: Where a tuner keeps its spaces (`SearchSpace.of`): `{(adapter name, id of its config): SearchSpace}`.
+_CACHE = "_peft_elastic_search_spaces"
+
+
+def forget_search_spaces(tuner: nn.Module) -> None:
+    """Drop the spaces `SearchSpace.of` keeps on `tuner`: its adapters changed (added, deleted, loaded, unloaded)."""
+    tuner.__dict__.pop(_CACHE, None)
+
+
 class SearchSpace:
     """The search space of `adapter_name` (default: the one active elastic adapter) of `model`, a `PeftModel` or
-    its tuner. Build it once and keep it while the adapters stay as they are (build a new one after adding, deleting
-    or loading an adapter): its methods do not walk the model."""
+    its tuner. Its methods do not walk the model. `SearchSpace.of(model)` gives the model's own, built on first use
+    and kept until an adapter is added, deleted, loaded or unloaded; `SearchSpace(model)` builds a new one."""
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter_name: str | None = None) -> SearchSpace:
+        """The space of `adapter_name` of `model`, kept on its tuner: built once per adapter, built again after the
+        tuner's adapters change (its `inject_adapter`, `delete_adapter` and unloading forget the kept ones)."""
+        tuner = elastic_tuner(model)
+        name = elastic_adapter(tuner, adapter_name)
+        key = (name, id(tuner.peft_config[name]))
+        spaces = tuner.__dict__.setdefault(_CACHE, {})
+        if key not in spaces:
+            spaces[key] = cls(tuner, name)
+        return spaces[key]
 
     def __init__(self, model: nn.Module, adapter_name: str | None = None) -> None:
         self.tuner = elastic_tuner(model)
