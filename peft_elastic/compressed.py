@@ -21,8 +21,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .atomic_folders import export_directory
 from .fsdp import full_parameters
-from .io import export_directory
 from .tuners.elastic_lora.narrowed import (  # noqa: F401 (compressed_model, compressed_state: public here too)
     SHAPES_KEY,
     build_model,

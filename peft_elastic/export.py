@@ -31,8 +31,8 @@ from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .atomic_folders import export_directory
 from .fsdp import full_parameters, require_gathered
-from .io import export_directory
 from .tuners.elastic_lora.search_space import SearchSpace
 
 # LoraConfig fields that the export sets itself; every other field is copied from the elastic config.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import replaced_directory
+from .atomic_folders import replaced_directory
 
 #: The shortcut for SmolLM2-135M-Instruct, and where it comes from.
 SMOLLM2 = "smollm2"

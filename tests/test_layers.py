@@ -22,7 +22,7 @@ LAYERS = {
     "calibration": 0,
     "checks": 0,
     "choices": 0,
-    "io": 0,
+    "atomic_folders": 0,
     # PEFT registration, model loading, the toy models, real text: plumbing over plumbing
     "_registry": 1,
     "models": 1,

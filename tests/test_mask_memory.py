@@ -123,10 +123,10 @@ def child(depth: int, folder: Path) -> dict[str, dict[str, float]]:
         return tuner
 
     def verify_gptq():
-        gptq._verify_saved_zeros(gptq_dir, load_sparsity_mask(gptq_dir), BITS)
+        gptq._verify_pruned_codes(gptq_dir, load_sparsity_mask(gptq_dir), BITS)
 
     def verify_sparsified():
-        sparsify_module._verify_saved_zeros(float_dir, model)
+        sparsify_module._verify_saved_zero_counts(float_dir, model)
 
     steps = {step.__name__: step for step in (gptq_mask_pass, tuner_masks, verify_gptq, verify_sparsified)}
     return {name: _measure(steps[name]) for name in STEPS}
@@ -201,13 +201,13 @@ def test_zeros_restored_and_verified_in_column_blocks(monkeypatch, tmp_path, bit
     tensors = {f"m.{part}": getattr(layer, part) for part in ("qweight", "qzeros", "scales", "g_idx")}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"checkpoint_format": "gptq_v2"}}))
-    gptq._verify_saved_zeros(tmp_path, {"m": mask}, bits)
+    gptq._verify_pruned_codes(tmp_path, {"m": mask}, bits)
     nonzero = (unpack_rows(layer.qweight, bits, rows) != zeros).T & mask  # kept weights that are not 0
     row, column = (int(i) for i in nonzero.nonzero()[-1])
     assert row >= 32  # in the last block of columns
     mask[row, column] = False
     with pytest.raises(RuntimeError, match="m: pruned weights do not dequantize to 0"):
-        gptq._verify_saved_zeros(tmp_path, {"m": mask}, bits)
+        gptq._verify_pruned_codes(tmp_path, {"m": mask}, bits)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")

@@ -25,7 +25,7 @@ from peft_elastic.quantization.layers import zero_format, zeros
 from peft_elastic.training import SubnetworkSamplingCallback
 from peft_elastic.tuners.sparse_peft import is_quant_aware_layer, is_sparse_peft_layer, sparsity_mask
 from peft_elastic.tuners.sparse_peft.gptq import quant_grid, transposed_mask
-from peft_elastic.tuners.sparse_peft.quantized import merged_codes
+from peft_elastic.tuners.sparse_peft.quant_aware_linear import merged_codes
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,9 +134,8 @@ def test_conversion_is_transformers_gguf_reading_and_is_cached(smollm2, tokenize
         raise AssertionError(f"{source} was converted again")
 
     monkeypatch.setattr(models, "_read_gguf", no_reconversion)
-    start = time.perf_counter()
     again = peft_elastic.resolve_model("smollm2", cache_dir=smollm2.parent.parent)
-    assert Path(again) == smollm2 and time.perf_counter() - start < 1.0
+    assert Path(again) == smollm2
     assert (smollm2 / "model.safetensors").stat().st_mtime_ns == written
 
 

@@ -10,7 +10,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..io import replaced_directory
+from ..atomic_folders import replaced_directory
 
 
 class CommandError(Exception):

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..atomic_folders import staged_directory
 from ..checks import check_int
-from ..io import staged_directory
 from ..models import default_cache_dir  # noqa: F401  (the demo cache is the package cache)
 from ..toy import tiny_llama, train_tokenizer
 from .task import PRETRAINING_STEPS, TASK_VERSION, pretraining_texts

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic_folders import check_export_target, export_directory
 from ..calibration import calibration_batches
-from ..io import check_export_target, export_directory
 from .gptqmodel_env import GPTQMODEL_ENV, import_gptqmodel, quieted, release_gptqmodel_threads, restored_environment
 from .mask import MASK_FILE, SparsityMaskWriter, load_sparsity_mask
 from .packing import check_bits, pack_cols, pack_rows, unpack_rows, zero_points
@@ -208,7 +208,7 @@ def quantize_gptq(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             (staging / "quantization_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-            _verify_saved_zeros(staging, load_sparsity_mask(staging / MASK_FILE), bits)
+            _verify_pruned_codes(staging, load_sparsity_mask(staging / MASK_FILE), bits)
     return report
 
 
@@ -389,7 +389,7 @@ def _carry_files(source: Path, staging: Path) -> None:
             (staging / name).unlink(missing_ok=True)
 
 
-#: Weights `_restore_zeros` and `_verify_saved_zeros` unpack at a time (a block of output columns): their int32 and
+#: Weights `_restore_zeros` and `_verify_pruned_codes` unpack at a time (a block of output columns): their int32 and
 #: int64 working tensors (~30 bytes per weight) then take ~60 MB, not ~30 bytes per weight of the largest layer.
 CHUNK_WEIGHTS = 1 << 21
 
@@ -476,7 +476,7 @@ def _choose_checkpoint_format(quantizer, layers: dict[str, nn.Module]) -> str:
     return "gptq"
 
 
-def _verify_saved_zeros(directory: Path, masks: Mapping[str, torch.Tensor], bits: int) -> None:
+def _verify_pruned_codes(directory: Path, masks: Mapping[str, torch.Tensor], bits: int) -> None:
     """Every pruned weight of the saved checkpoint dequantizes to exactly 0, for each layer of `masks` (module name:
     bool (out × in) mask, e.g. the saved mask file read back). One layer's tensors are read at a time, and
     dequantized a block of output columns at a time (`CHUNK_WEIGHTS`)."""

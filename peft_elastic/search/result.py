@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ..io import staged_directory
+from ..atomic_folders import staged_directory
 
 _FORMAT = "peft_elastic.search_result.v1"
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ..atomic_folders import export_directory, staged_directory
 from ..calibration import calibration_batches
 from ..choices import PRUNING_METHODS
-from ..io import export_directory, staged_directory
 from ..quantization.layers import check_standard_layout, codes, is_gptq_layer, zeros
 from .patterns import Pattern, keep_mask, parse_pattern
 from .structure import PRUNABLE, block_output, decoder_blocks, first_block_inputs, prunable_modules
@@ -242,10 +242,10 @@ def save_sparsified(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "sparsity_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        _verify_saved_zeros(staging, model)
+        _verify_saved_zero_counts(staging, model)
 
 
-def _verify_saved_zeros(directory: Path, model: nn.Module) -> None:
+def _verify_saved_zero_counts(directory: Path, model: nn.Module) -> None:
     """Raise unless every pruned layer's weight saved in `directory` has as many zeros as in `model`. One saved tensor
     is read at a time, its file opened for it alone: a handle kept open for a whole file keeps every page it has read
     mapped, and so resident (the shard's size by its last tensor)."""

@@ -3,8 +3,8 @@ elastic layers (`SparsePEFTVariant`; `QuantAwareVariant` for QA-SparsePEFT on GP
 
 from ...quantization.packing import pack_mask, unpack_mask
 from .config import SparsePEFTConfig
-from .function import MaskedLowRankLinear, masked_low_rank_linear
 from .gptq import QuantAwareVariant, is_quant_aware_layer
+from .masked_linear import MaskedLowRankLinear, masked_low_rank_linear
 from .model import SparsePEFTModel
 from .variant import SparsePEFTVariant, is_sparse_peft_layer, set_sparsity_mask, sparsity_mask
 from .workspace import clear_workspace, workspace_bytes

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...quantization.layers import check_standard_layout, write_codes
 from ...quantization.packing import pack_mask, unpack_mask
-from .quantized import QuantGrid, grid_of, merged_codes, quant_aware_low_rank_linear
+from .quant_aware_linear import QuantGrid, grid_of, merged_codes, quant_aware_low_rank_linear
 from .variant import SparsePEFTVariant, sparsity_mask
 
 

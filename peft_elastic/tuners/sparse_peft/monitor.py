@@ -42,7 +42,7 @@ def codes_changed(model: nn.Module) -> CodeChanges:
     the active subnetwork), counted layer by layer against the base's codes. Raises ValueError when `model` has no
     QA-SparsePEFT layer (a float SparsePEFT adapter merges without rounding)."""
     from .gptq import is_quant_aware_layer, quant_grid, transposed_mask
-    from .quantized import merged_codes
+    from .quant_aware_linear import merged_codes
 
     changed = total = layers = 0
     for module in model.modules():

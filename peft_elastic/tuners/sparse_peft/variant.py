@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ...blocks import is_gptq_layer
 from ...quantization.packing import pack_mask, unpack_mask
 from ..elastic_lora.variant import ElasticVariant
-from .function import masked_low_rank_linear
+from .masked_linear import masked_low_rank_linear
 
 
 def dense_weight(base_layer: nn.Module) -> torch.Tensor:
