@@ -37,6 +37,7 @@ from .tuners.elastic_lora.fingerprint import (  # noqa: F401  (the fingerprint's
     base_fingerprint,
     check_base_fingerprint,
 )
+from .tuners.elastic_lora.space import children_by_parent
 
 IMPORTANCE_METHODS = ("magnitude", "activation")
 
@@ -152,20 +153,20 @@ def _abridged(values: list, count: int = 8) -> str:
 
 
 def _blocks(model: nn.Module, width_modules, head_modules) -> list[_Block]:
+    """The permutable units of a base `model`: each parent module holding all of `width_modules` (an MLP) or all of
+    `head_modules` (an attention block with a `head_dim`) as torch.nn.Linear layers, as Mode B finds them."""
     (mlp_out, mlp_in), (attn_out, attn_in) = width_modules, head_modules
     blocks = []
 
-    def linear(children: dict[str, nn.Module], suffixes) -> list[nn.Linear] | None:
-        found = [children.get(s) for s in suffixes]
-        return found if all(type(m) is nn.Linear for m in found) else None
+    def linear(members, suffixes) -> list[nn.Linear] | None:
+        return [members[s][1] for s in suffixes] if all(s in members for s in suffixes) else None
 
-    for parent_name, parent in model.named_modules():
-        children = dict(parent.named_children())
-        producers, consumers = linear(children, mlp_out), linear(children, mlp_in)
+    for parent_name, members in children_by_parent(model, lambda module: type(module) is nn.Linear).items():
+        producers, consumers = linear(members, mlp_out), linear(members, mlp_in)
         if producers and consumers:
             blocks.append(_Block(parent_name, producers, consumers))
-        producers, consumers = linear(children, attn_out), linear(children, attn_in)
-        head_dim = getattr(parent, "head_dim", None)
+        producers, consumers = linear(members, attn_out), linear(members, attn_in)
+        head_dim = getattr(model.get_submodule(parent_name), "head_dim", None)
         if producers and consumers and isinstance(head_dim, int):
             query, key, _ = producers
             per_kv = query.out_features // key.out_features

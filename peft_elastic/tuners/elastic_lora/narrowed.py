@@ -23,7 +23,7 @@ from ...blocks import decoder_blocks
 from ...fsdp import require_gathered
 from .fingerprint import check_base_fingerprint
 from .search_space import SearchSpace
-from .space import BlockGroup, WidthGroup
+from .space import WidthGroup
 
 #: The config attribute that records per-module shapes `{module name: [out, in]}` of a non-uniform export.
 SHAPES_KEY = "peft_elastic_shapes"
@@ -159,7 +159,7 @@ def _uniform_sizes(groups, chosen, adapter_name) -> dict[str, int] | None:
     sizes: dict[str, set[int]] = {"width": set(), "heads": set()}
     found: dict[str, list[WidthGroup]] = {"width": [], "heads": []}
     for name, group in groups.items():
-        if isinstance(group, WidthGroup) and not isinstance(group, BlockGroup):
+        if isinstance(group, WidthGroup):
             sizes[group.kind].add(chosen.get(name, group.value(adapter_name)))
             found[group.kind].append(group)
     update: dict[str, int] = {}

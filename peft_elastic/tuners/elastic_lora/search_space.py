@@ -83,7 +83,7 @@ class SearchSpace:
         wrapped, config, name = self.tuner.model, self.config, self.adapter_name
         self.rank_groups: dict[str, RankGroup] = rank_groups(wrapped, config, name)
         #: Every group: the rank groups in module order, then the width groups and droppable blocks (Mode B).
-        self.groups: dict[str, RankGroup | WidthGroup] = (
+        self.groups: dict[str, RankGroup | WidthGroup | BlockGroup] = (
             self.rank_groups | width_groups(wrapped, config, name) | block_groups(wrapped, config, name)
         )
 
@@ -152,7 +152,7 @@ class SearchSpace:
             for module_name, layer in group.modules
         }
         for name, group in self.groups.items():
-            if isinstance(group, WidthGroup):
+            if not isinstance(group, RankGroup):
                 value = chosen.get(name, group.value(self.adapter_name))
                 for module_name, (out_width, in_width) in group.widths(value).items():
                     full_out, full_in = widths[module_name]

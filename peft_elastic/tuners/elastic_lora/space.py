@@ -116,7 +116,11 @@ def width_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
     specs = _specs(config)
     if not specs:
         return {}
-    children = _children(model, lambda module: isinstance(module, ElasticLoraLayer) and adapter_name in module.lora_A)
+
+    def adapted(module: nn.Module) -> bool:
+        return isinstance(module, ElasticLoraLayer) and adapter_name in module.lora_A
+
+    children = children_by_parent(model, adapted)
     groups = {}
     for parent, members in children.items():
         for kind, choices, producers, consumers in specs:
@@ -164,7 +168,7 @@ def resolve_width_choices(model: nn.Module, config: ElasticLoraConfig) -> dict[s
     `width_modules` (or `head_modules`) as torch.nn.Linear layers counts; whether `target_modules` adapts them is
     `get_peft_model`'s to check."""
     specs = _specs(config)
-    children = _children(model, lambda module: type(module) is nn.Linear)
+    children = children_by_parent(model, lambda module: type(module) is nn.Linear)
     resolved = {}
     for parent, members in children.items():
         for kind, choices, producers, consumers in specs:
@@ -227,8 +231,10 @@ def _specs(config: ElasticLoraConfig) -> list[tuple[str, list, list[str], list[s
     return specs
 
 
-def _children(model: nn.Module, keep) -> dict[str, dict[str, tuple[str, nn.Module]]]:
-    """`{parent module name: {leaf name: (module name, module)}}` of the modules of `model` that `keep` accepts."""
+def children_by_parent(model: nn.Module, keep) -> dict[str, dict[str, tuple[str, nn.Module]]]:
+    """`{parent module name: {leaf name: (module name, module)}}` of the modules of `model` that `keep` accepts: where
+    the producers and consumers of an elastic width are found (`width_groups` on an adapted model,
+    `resolve_width_choices` and the importance ordering on a base)."""
     children: dict[str, dict[str, tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         if keep(module):
@@ -388,14 +394,17 @@ class _HeadGroup(WidthGroup):
 
 
 @dataclass(frozen=True)
-class BlockGroup(WidthGroup):
+class BlockGroup:
     """A decoder block a subnetwork may drop (choices 1: keep, 0: drop). The choice is kept, per adapter, by the
     first adapted layer inside the block (`holder`); a forward hook on the block returns its input when it is
     dropped. The block still runs inside the super-network (so its key/value cache stays in step); the exported model
-    does not contain it."""
+    does not contain it. It narrows no module (`widths` is empty)."""
 
-    block_name: str = ""
-    holder: ElasticLoraLayer | None = None
+    name: str
+    choices: tuple[int, ...]
+    block_name: str
+    holder: ElasticLoraLayer
+    kind: str = "block"
 
     def value(self, adapter_name: str) -> int:
         return 0 if self.holder.lora_A[adapter_name].block_dropped else 1
@@ -441,13 +450,7 @@ def block_groups(model: nn.Module, config: ElasticLoraConfig, adapter_name: str)
             block._peft_elastic_skip_hook = block.register_forward_hook(_skip_dropped_block, with_kwargs=True)
         block._peft_elastic_skip = holder_name
         groups[f"{block_name}:block"] = BlockGroup(
-            name=f"{block_name}:block",
-            kind="block",
-            choices=(1, 0),
-            producers=(),
-            consumers=(),
-            block_name=block_name,
-            holder=holder,
+            name=f"{block_name}:block", choices=(1, 0), block_name=block_name, holder=holder
         )
     return groups
 
