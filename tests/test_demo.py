@@ -170,6 +170,12 @@ def test_packed_pretraining_batch_has_the_padded_batchs_loss_and_gradient():
     assert largest_difference(loss_and_grads(unmasked)[1], expected_grads) > 1e-2
 
 
+def test_packing_no_text_is_refused():
+    tokenizer = train_tokenizer(pretraining_texts(8, set(), seed=3), vocab_size=120, words=True)
+    with pytest.raises(ValueError, match="packed_batch needs at least one text to pack, got none"):
+        demo_base.packed_batch(tokenizer, [])
+
+
 @pytest.mark.parametrize("width", [0, -3, 2.5, True, "100"])
 def test_pack_width_must_be_a_number_of_tokens(width):
     with pytest.raises(

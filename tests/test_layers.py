@@ -41,6 +41,7 @@ LAYERS = {
     "importance": 6,
     "export": 7,
     "compressed": 7,
+    "merged": 7,
     # the pipelines
     "training": 8,
     "search": 8,

@@ -1,11 +1,9 @@
-"""`peft-elastic export`: `export_sub_adapter`, `merge_and_unload`, `export_compressed_model`."""
+"""`peft-elastic export`: `export_sub_adapter`, `export_merged_model`, `export_compressed_model`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
 from . import inputs
 from .arguments import add_adapter_io, add_verbose, positive_int
@@ -25,7 +23,7 @@ EXPORTS = ("sub-adapter", "merged", "compressed")
 def run(args: argparse.Namespace) -> None:
     from ..compressed import export_compressed_model
     from ..export import export_sub_adapter
-    from ..quantization.mask import MASK_FILE
+    from ..merged import export_merged_model
     from ..subnetwork import search_space
 
     if args.uniform_rank is not False and args.kind != "sub-adapter":
@@ -40,13 +38,8 @@ def run(args: argparse.Namespace) -> None:
             export_sub_adapter(model, folder, subnetwork, uniform_rank=args.uniform_rank)
         elif args.kind == "compressed":
             export_compressed_model(model, folder, subnetwork, tokenizer=tokenizer)
-        else:
-            merged = model.merge_and_unload()  # at the subnetwork choose_subnetwork activated
-            merged.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            mask = Path(args.base) / MASK_FILE
-            if mask.is_file():  # a GPTQ base's pruned positions: a merged SparsePEFT adapter keeps them
-                shutil.copyfile(mask, folder / mask.name)
+        else:  # at the subnetwork choose_subnetwork activated; a GPTQ base's mask file goes with it
+            export_merged_model(model, folder, tokenizer=tokenizer)
         if subnetwork is not None:
             (folder / SUBNETWORK_FILE).write_text(json.dumps(subnetwork, indent=1) + "\n")
     what = {"sub-adapter": "a stock LoRA adapter", "merged": "the merged model", "compressed": "the compressed model"}

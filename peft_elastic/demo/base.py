@@ -143,6 +143,18 @@ def padded_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     return {**encoded, "labels": labels}
 
 
+class Stopwatch:
+    """The seconds between calls of `lap()` (since the stopwatch was made, at the first): each table row's time."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
+
+
 def packed_batch(tokenizer, texts: list[str], width: int | None = None) -> dict[str, torch.Tensor]:
     """The model inputs of `texts` (each followed by EOS) packed into as few rows of `width` tokens (at least the
     longest document's; None: that) as first-fit decreasing finds, with position ids that restart at every document
@@ -154,6 +166,8 @@ def packed_batch(tokenizer, texts: list[str], width: int | None = None) -> dict[
     seen at the same positions with the same context as in `padded_batch`, and the same tokens are predicted: the
     loss and its gradient are the padded batch's, up to float rounding (tests/test_demo.py checks it), without
     computing the padding. The rows' unused tails are a segment of their own (positions from 0, no labels)."""
+    if not texts:
+        raise ValueError("packed_batch needs at least one text to pack, got none.")
     documents = tokenizer([text + tokenizer.eos_token for text in texts]).input_ids
     width = max(width or 0, *(len(ids) for ids in documents))
     rows: list[list[list[int]]] = []  # the documents of each row

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from ..importance import reorder_by_importance
 from ..search import run_search
 from ..tuners.elastic_lora import ElasticLoraConfig
 from ..tuners.elastic_lora.space import resolve_width_choices, sizes_at_most
-from .base import load_base
+from .base import Stopwatch, load_base
 from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config
 
 #: MLP widths and attention heads a subnetwork may keep, as fractions of the base's (rounded down to whole key/value
@@ -93,13 +92,7 @@ def lonas_table(
     model, tokenizer = load_base(base_dir)
     train = data["train"]
     seq_len = LATENCY_INPUT[1]
-    clock = [time.perf_counter()]
-
-    def seconds() -> float:
-        """Seconds since the last call (since the start, at the first)."""
-        now = time.perf_counter()
-        elapsed, clock[0] = now - clock[0], now
-        return elapsed
+    seconds = Stopwatch().lap
 
     def row(method: str, model, validation_accuracy: float) -> CostRow:
         score = scoring.score(model)

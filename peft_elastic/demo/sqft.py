@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import warnings
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from ..subnetwork import heuristic_subnetwork, set_subnetwork
 from ..tuners.nls import NLSConfig
 from ..tuners.sparse_peft import SparsePEFTConfig
 from ..tuners.sparse_peft.monitor import codes_changed
-from .base import load_base
+from .base import Stopwatch, load_base
 from .finetune import TARGETS, FinetuneSettings, Scoring, finetune, lora_config
 
 #: GPTQ bits of the INT4 rows; the group size is a setting (32 for the demo's layers of 128-384 inputs).
@@ -101,13 +100,12 @@ def sqft_table(
     the merged models). `calibration`: the texts of Wanda and GPTQ. Returns the rows in the table's order."""
     model, tokenizer = load_base(base_dir)
     rows: list[Row] = []
-    clock = [time.perf_counter()]
+    stopwatch = Stopwatch()
 
     def add(key, method, model, sparsity, merged_sparsity, precision) -> Row:
         score = scoring.score(model)
-        now = time.perf_counter()
         row = Row(key, method, score.accuracy, sparsity, merged_sparsity, precision, score.hits, score.perplexity)
-        row.seconds, clock[0] = round(now - clock[0], 1), now
+        row.seconds = round(stopwatch.lap(), 1)
         row.anatomy = score.anatomy
         rows.append(row)
         log(f"  {row.method}: {score.summary()} ({row.seconds:.0f} s)")

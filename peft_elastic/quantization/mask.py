@@ -153,3 +153,18 @@ def load_sparsity_mask(path: str | os.PathLike) -> SparsityMaskFile:
     """`{module name: bool (out × in) mask}` from a file written by `save_sparsity_mask` (or its directory): a mapping
     that reads one layer's mask from the file per access (`dict(...)` of it holds them all)."""
     return SparsityMaskFile(path)
+
+
+def find_mask_file(model) -> tuple[Path | None, str]:
+    """The `sparsity_mask.safetensors` of the checkpoint `model` was loaded from (a local folder, or a hub model's
+    files from the cache, or downloaded if online), or None; and that folder or id, as the model names it."""
+    from transformers.utils import cached_file
+
+    config = getattr(model, "config", None)
+    folder = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", "") or ""
+    try:
+        found = cached_file(folder, MASK_FILE, _raise_exceptions_for_missing_entries=False) if folder else None
+    except OSError:
+        found = None
+    path = Path(found) if found else Path(folder) / MASK_FILE
+    return (path if folder and path.is_file() else None), str(folder)

@@ -165,10 +165,10 @@ class ElasticLoraModel(LoraModel):
         block_groups(model, config, adapter_name)  # also installs the blocks' skip hooks
 
     def _check_merge_allowed(self) -> None:
-        """As for LoRA, except that a GPTQ base may be merged into when every adapted GPTQ layer's adapter merges
-        exactly into its integer weights (QA-SparsePEFT): each other layer raises its reason, before anything is
-        merged. LoraModel's own check refuses every GPTQ model, so on one only PEFT's generic checks and its
-        replicated-layers check are run."""
+        """As for LoRA, except that a GPTQ base may be merged into when every adapter of every adapted GPTQ layer
+        merges exactly into its integer weights (QA-SparsePEFT): any other raises its reason here, before anything
+        is merged (this check cannot tell which adapters will be merged, so it asks about all). LoraModel's own check
+        refuses every GPTQ model, so on one only PEFT's generic checks and its replicated-layers check are run."""
         from .gptq import GPTQLinear
 
         refuse_sharded(self.model, "Merging the adapter")
@@ -178,7 +178,7 @@ class ElasticLoraModel(LoraModel):
         if not layers:
             raise ValueError(GPTQ_MERGE_REFUSED)
         for layer in layers:
-            layer.check_merge()
+            layer.check_merge(list(layer.lora_A))
         BaseTuner._check_merge_allowed(self)
         if self.peft_config.get("layer_replication"):
             raise ValueError("Cannot merge LoRA layers when base model layers are replicated")

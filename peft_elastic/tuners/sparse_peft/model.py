@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...quantization.layers import check_standard_layout, is_gptq_layer
-from ...quantization.mask import MASK_FILE, load_sparsity_mask
+from ...quantization.mask import MASK_FILE, find_mask_file, load_sparsity_mask
 from ..elastic_lora.model import ElasticLoraModel
 from .config import DENSE, SparsePEFTConfig
 from .gptq import set_transposed_mask
@@ -56,15 +56,8 @@ class SparsePEFTModel(ElasticLoraModel):
         if config.sparsity_mask is not None:
             path = Path(config.sparsity_mask)
         else:
-            from transformers.utils import cached_file
-
-            folder = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
-            try:  # a local folder, or a hub model's files (from the cache, or downloaded if online)
-                found = cached_file(folder, MASK_FILE, _raise_exceptions_for_missing_entries=False) if folder else None
-            except OSError:
-                found = None
-            path = Path(found) if found else Path(folder) / MASK_FILE
-            if not path.is_file():
+            path, folder = find_mask_file(self.model)
+            if path is None:
                 raise ValueError(
                     "SparsePEFTConfig on a GPTQ base needs the sparsity mask of the float model (GPTQ fills "
                     "pruned weights, so it cannot be read from the quantized one), and there is no "
