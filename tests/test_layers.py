@@ -21,6 +21,7 @@ LAYERS = {
     "blocks": 0,
     "calibration": 0,
     "checks": 0,
+    "scratch": 0,
     "choices": 0,
     "atomic_folders": 0,
     # PEFT registration, model loading, the toy models, real text: plumbing over plumbing
@@ -114,3 +115,37 @@ def test_the_checker_sees_function_level_and_relative_imports():
     assert layer_of("peft_elastic.tuners.elastic_lora.model") == ("tuners", 4)
     assert layer_of("peft_elastic") == ("", 11)
     assert layer_of("peft_elastic.demo.__main__") == ("", 11)  # `python -m peft_elastic.demo` runs the CLI
+
+
+def private_imports(path: Path, text: str | None = None) -> set[tuple[str, str]]:
+    """`(module, name)` for each private name (`_x`, not dunder) that `path` (or `text`, as if it were that file)
+    imports from another peft_elastic module (`from .x import _y`; a private module itself, such as `_registry`, may
+    be imported)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text, str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if target.split(".")[0] == "peft_elastic" and target != name:
+                found.update((target, n) for n in private if f"{target}.{n}" not in MODULES)
+    return found
+
+
+MODULES = {module_name(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = {module_name(path): private_imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+    assert not {importer: names for importer, names in found.items() if names}
+
+
+def test_the_private_name_check_sees_a_relative_import():
+    probe = PACKAGE / "tuners" / "elastic_lora" / "model.py"
+    text = probe.read_text() + "\nfrom .space import _whole\nfrom ... import _registry\n"
+    assert private_imports(probe, text) == {("peft_elastic.tuners.elastic_lora.space", "_whole")}

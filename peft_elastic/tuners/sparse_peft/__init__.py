@@ -2,12 +2,12 @@
 elastic layers (`SparsePEFTVariant`; `QuantAwareVariant` for QA-SparsePEFT on GPTQ bases)."""
 
 from ...quantization.packing import pack_mask, unpack_mask
+from ...scratch import clear_workspace, workspace_bytes
 from .config import SparsePEFTConfig
 from .gptq import QuantAwareVariant, is_quant_aware_layer
 from .masked_linear import MaskedLowRankLinear, masked_low_rank_linear
 from .model import SparsePEFTModel
 from .variant import SparsePEFTVariant, is_sparse_peft_layer, set_sparsity_mask, sparsity_mask
-from .workspace import clear_workspace, workspace_bytes
 
 __all__ = [
     "MaskedLowRankLinear",

@@ -11,8 +11,8 @@ backward pass and runs two dense matmuls forward. `MaskedLowRankLinear` instead
 
 So a step costs LoRA's matmuls plus one weight-sized gradient matmul `gᵀ x` and four rank-`k` products, and keeps no
 weight-sized tensor between forward and backward. The weight-sized temporaries (the effective weight or `G`, and the
-0/1 mask) live in two scratch buffers that are reused from call to call (`workspace`): on CPU, a fresh weight-sized
-tensor costs more in page faults than the arithmetic done in it.
+0/1 mask) live in two scratch buffers that are reused from call to call (`peft_elastic.scratch`): on CPU, a fresh
+weight-sized tensor costs more in page faults than the arithmetic done in it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ...quantization.packing import unpack_mask
-from .workspace import scratch
+from ...scratch import scratch
 
 
 def _mask_into(out, packed_mask, in_features, weight) -> torch.Tensor:
@@ -53,7 +53,7 @@ class MaskedLowRankLinear(torch.autograd.Function):
     `weight` (dense, float, with the zero pattern of the mask) and `bias` are frozen (no gradient). `weight_a`
     (k × in) and `weight_b` (out × k) may be slices of larger factors; their gradients flow back into those. All
     math runs in the dtype of `weight_a`. The weight-sized temporaries live in reused scratch buffers (see
-    `workspace`) and none is kept between forward and backward."""
+    `peft_elastic.scratch`) and none is kept between forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, packed_mask, in_features, scaling, weight=None, bias=None):

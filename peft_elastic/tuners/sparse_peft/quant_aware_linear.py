@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ...quantization.packing import unpack_mask
-from .workspace import scratch
+from ...scratch import scratch
 
 _WORD_BITS = 32
 

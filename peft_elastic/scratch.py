@@ -1,4 +1,5 @@
-"""Reusable scratch buffers for the weight-sized temporaries of the masked update, on CPU.
+"""Reusable scratch buffers for weight-sized temporaries on CPU (the masked and quantization-aware updates of
+SparsePEFT borrow theirs here).
 
 PyTorch's CPU allocator does not cache: a tensor above glibc's mmap threshold (at most 32 MiB) is mapped fresh at
 every allocation and each of its pages is faulted in and zeroed on first touch. For the weight-sized temporaries of
