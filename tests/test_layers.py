@@ -60,23 +60,26 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """The peft_elastic modules that `path` imports, absolute (`from .x import y` resolved; `y` may be a name)."""
+def import_statements(path: Path, text: str | None = None):
+    """`(module, node)` for each import statement of `path` (or of `text`, as if it were that file), with the
+    module it imports from made absolute (`from .x import y` resolved; for `import a.b`, `a.b`)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text, str(path))):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "peft_elastic")
+            for alias in node.names:
+                yield alias.name, node
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join([*base, node.module] if node.module else base)
+                yield ".".join([*base, node.module] if node.module else base), node
             else:
-                target = node.module or ""
-            if target.split(".")[0] == "peft_elastic":
-                found.add(target)
-    return found
+                yield node.module or "", node
+
+
+def imports(path: Path) -> set[str]:
+    """The peft_elastic modules that `path` imports, absolute (`from .x import y` resolved; `y` may be a name)."""
+    return {target for target, _ in import_statements(path) if target.split(".")[0] == "peft_elastic"}
 
 
 def layer_of(module: str) -> tuple[str, int]:
@@ -121,19 +124,11 @@ def private_imports(path: Path, text: str | None = None) -> set[tuple[str, str]]
     """`(module, name)` for each private name (`_x`, not dunder) that `path` (or `text`, as if it were that file)
     imports from another peft_elastic module (`from .x import _y`; a private module itself, such as `_registry`, may
     be imported)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text() if text is None else text, str(path))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join([*base, node.module] if node.module else base)
-            else:
-                target = node.module or ""
+    for target, node in import_statements(path, text):
+        if isinstance(node, ast.ImportFrom) and target.split(".")[0] == "peft_elastic" and target != module_name(path):
             private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
-            if target.split(".")[0] == "peft_elastic" and target != name:
-                found.update((target, n) for n in private if f"{target}.{n}" not in MODULES)
+            found.update((target, n) for n in private if f"{target}.{n}" not in MODULES)
     return found
 
 

@@ -9,6 +9,7 @@ from conftest import TARGETS, randomize_lora_b
 from gptq_fixtures import TEXTS, load_gptq
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
+from test_qa_sparse_peft import randomize_adapters
 from transformers import AutoModelForCausalLM
 
 import peft_elastic
@@ -96,11 +97,8 @@ def test_a_qa_merge_into_int4_is_saved_with_the_mask_file(quantized, tmp_path):
     path, _ = quantized(4, False)
     options = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], quantization_aware=True)
     model = get_peft_model(load_gptq(path), SparsePEFTConfig(**options))
-    generator = torch.Generator().manual_seed(0)
+    randomize_adapters(model, seed=0, std=0.05)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         expected = model(INPUT).logits
 
     out = export_merged_model(model, tmp_path / "merged")
