@@ -15,10 +15,10 @@ class GPTQLinear(ElasticLoraLayer, GPTQLoraLinear):
     """Elastic LoRA on a gptqmodel `BaseQuantLinear`. Merging into the integer weights is refused, as for LoRA,
     unless every adapter to merge has a variant that merges exactly (`ElasticVariant.merge_quantized`)."""
 
-    def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        """Raise why `adapter_names` (default: the active adapters) cannot be merged into this layer, if they
-        cannot: each adapter's variant says (an adapter without one has the reason of plain LoRA)."""
-        for adapter in adapter_names if adapter_names is not None else self.active_adapters:
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise why `adapter_names` cannot be merged into this layer, if they cannot: each adapter's variant says
+        (an adapter without one has the reason of plain LoRA)."""
+        for adapter in adapter_names:
             if adapter in self.lora_A:
                 variant = self.lora_variant.get(adapter)
                 if variant is None:

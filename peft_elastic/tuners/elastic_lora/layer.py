@@ -141,11 +141,10 @@ class ElasticLoraLayer(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """PEFT's forward of the base backend, unless the variant of the first active adapter computes the whole
         output itself (`ElasticVariant.whole_forward`)."""
-        if not self.disable_adapters and not self.merged:
+        if self.lora_variant and not self.disable_adapters and not self.merged:  # plain adapters: straight to PEFT
             adapters = [a for a in self.active_adapters if a in self.lora_A]
             variant = self.lora_variant.get(adapters[0]) if adapters else None
             if variant is not None:
-                self._check_forward_args(x, *args, **kwargs)
                 result = variant.whole_forward(self, adapters, x, *args, **kwargs)
                 if result is not None:
                     return result

@@ -45,7 +45,8 @@ class ElasticVariant(LoraVariant):
     @staticmethod
     def whole_forward(module, adapters: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
         """The layer's output for the active `adapters` (the first of which has this variant), or None to run the
-        base and then each adapter's update. Called only while the adapters are enabled and unmerged."""
+        base and then each adapter's update (PEFT's forward, which checks `adapter_names`). Called only while the
+        adapters are enabled and unmerged."""
         return None
 
     @staticmethod
